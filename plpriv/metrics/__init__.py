@@ -1,1 +1,2 @@
 from plpriv.metrics.hessian import HessianScores, conditional_hessian_score, hessian_scores, log_density_hessian_eigs
+from plpriv.metrics.replication import ReplicationScore, SSCDFeatures, top1_cosine_similarity
