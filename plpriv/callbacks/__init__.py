@@ -1,0 +1,1 @@
+from plpriv.callbacks.memorization_monitor import MemorizationMonitor

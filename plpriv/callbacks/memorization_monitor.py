@@ -1,0 +1,297 @@
+"""Periodic memorization monitoring from the sharpness of the learned log density (Jeon et al., ICML 2025)."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from plpriv.metrics.hessian import hessian_scores, log_density_hessian_eigs
+from plpriv.metrics.replication import ReplicationScore
+from plpriv.sampling.edm import edm_sampler
+from plpriv.utils.figures import figure, run_dir, save_and_log_figure
+
+__all__ = ["MemorizationMonitor"]
+
+#: Attribute names tried, in order, when ``denoiser_attr`` is not given.
+DEFAULT_DENOISER_ATTRS: tuple[str, ...] = ("ema_denoiser", "denoiser")
+
+
+def resolve_denoiser(pl_module: LightningModule, denoiser_attr: str | None = None) -> Callable[..., Tensor]:
+    """The module's denoiser ``D(x, sigma, class_labels)``: ``getattr(pl_module, name)``, called first when it is a
+    getter (a method with no required arguments, e.g. ``ema_denoiser()``)."""
+    names = (denoiser_attr,) if denoiser_attr else DEFAULT_DENOISER_ATTRS
+    for name in names:
+        obj = getattr(pl_module, name, None)
+        if obj is None or not callable(obj):
+            continue
+        if not isinstance(obj, nn.Module):
+            required = [p for p in inspect.signature(obj).parameters.values()
+                        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            if not required:
+                obj = obj()
+        return obj
+    raise AttributeError(
+        f"{type(pl_module).__name__} exposes no denoiser under {list(names)}: give MemorizationMonitor(denoiser_attr=...)"
+        " the name of an attribute (or no-argument getter) holding D(x, sigma, class_labels)"
+    )
+
+
+def _train_dataset(trainer: Trainer) -> Dataset:
+    dm = getattr(trainer, "datamodule", None)
+    ds = getattr(dm, "train_dataset", None)
+    if ds is None:
+        loader = trainer.train_dataloader
+        ds = getattr(loader, "dataset", None)
+    if ds is None:
+        raise RuntimeError("MemorizationMonitor needs a map-style training dataset (datamodule.train_dataset or "
+                           "trainer.train_dataloader.dataset) for source='train', replication or the image shape")
+    return ds
+
+
+def _image_of(item: Any) -> Tensor:
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+class MemorizationMonitor(Callback):
+    """Every ``every_n_epochs`` training epochs, score samples by the Hessian spectrum of log p_sigma.
+
+    For each of ``num_samples`` points (EDM samples from fixed seeded latents, or fixed training images) the ``k``
+    most negative Hessian eigenvalues at noise level ``sigma`` are found by Lanczos on JVPs
+    (:func:`plpriv.metrics.log_density_hessian_eigs`). The per-sample score is ``mean_topk``: minus the mean of the
+    k most negative normalised eigenvalues sigma^2 * lambda, ~1 on a sharp (memorised) peak and ~0 on a broad region.
+    A sample counts as memorised when its score exceeds ``threshold``.
+
+    Logs ``memorization/rate`` (fraction memorised) and ``memorization/score_mean`` (and, with ``replication``,
+    ``memorization/replication_{mean,p95,fraction}``), a histogram figure of the normalised eigenvalues
+    (memorised vs not) and appends per-sample scores to ``<log dir>/memorization_scores.csv``. Rank zero only.
+
+    Denoiser protocol: the LightningModule exposes ``D(x, sigma, class_labels) -> denoised`` as an attribute or a
+    no-argument getter named ``denoiser_attr`` (default: the first of ``ema_denoiser``, ``denoiser``). The denoiser's
+    ``label_dim`` attribute (0 or missing: unconditional) decides whether one-hot class labels are drawn.
+
+    Args:
+        every_n_epochs: run after every n-th training epoch.
+        num_samples: points scored each time.
+        sigma: noise level of the density p_sigma whose Hessian is taken.
+        k: number of most negative eigenvalues per sample.
+        source: ``"generated"`` (EDM sampler) or ``"train"`` (training images).
+        threshold: score above which a sample counts as memorised.
+        num_iters: Lanczos iterations (default ``min(d, max(2k, k + 20))``).
+        num_steps: sampler steps; ``sampler_kwargs`` go to :func:`plpriv.sampling.edm_sampler`.
+        batch_size: samples per batched Lanczos run (memory: batch_size * num_iters * d floats).
+        replication: also log the replication score of the same samples against the training set;
+            ``replication_feature`` / ``replication_threshold`` / ``replication_center`` configure
+            :class:`plpriv.metrics.ReplicationScore`.
+        img_shape: (C, H, W) of generated samples; default: the shape of a training image.
+        seed: seeds latents, labels, training-image choice and Lanczos start vectors (same points every time).
+        denoiser_attr: see the protocol above.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        num_samples: int = 64,
+        sigma: float = 0.5,
+        k: int = 16,
+        source: Literal["generated", "train"] = "generated",
+        threshold: float = 0.5,
+        num_iters: int | None = None,
+        num_steps: int = 18,
+        sampler_kwargs: dict[str, Any] | None = None,
+        batch_size: int = 64,
+        replication: bool = False,
+        replication_feature: Literal["pixels", "sscd"] | nn.Module = "pixels",
+        replication_threshold: float = 0.9,
+        replication_center: bool = True,
+        img_shape: Sequence[int] | None = None,
+        seed: int = 0,
+        denoiser_attr: str | None = None,
+        csv_name: str = "memorization_scores.csv",
+    ) -> None:
+        super().__init__()
+        for name, value in (("every_n_epochs", every_n_epochs), ("num_samples", num_samples), ("k", k),
+                            ("num_steps", num_steps), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if not sigma > 0:
+            raise ValueError(f"`sigma` must be > 0, got {sigma!r}")
+        if source not in ("generated", "train"):
+            raise ValueError(f"`source` must be 'generated' or 'train', got {source!r}")
+        if num_iters is not None and num_iters < k:
+            raise ValueError(f"`num_iters` must be >= k ({k}), got {num_iters!r}")
+        if img_shape is not None and len(img_shape) != 3:
+            raise ValueError(f"`img_shape` must be (C, H, W), got {img_shape!r}")
+        self.every_n_epochs = every_n_epochs
+        self.num_samples = num_samples
+        self.sigma = float(sigma)
+        self.k = k
+        self.source = source
+        self.threshold = float(threshold)
+        self.num_iters = num_iters
+        self.num_steps = num_steps
+        self.sampler_kwargs = dict(sampler_kwargs or {})
+        self.batch_size = batch_size
+        self.replication = replication
+        self.replication_feature = replication_feature
+        self.replication_threshold = replication_threshold
+        self.replication_center = replication_center
+        self.img_shape = tuple(img_shape) if img_shape is not None else None
+        self.seed = seed
+        self.denoiser_attr = denoiser_attr
+        self.csv_name = csv_name
+        self.history: list[dict[str, float]] = []
+        self._replication_metric: ReplicationScore | None = None
+
+    # -- resume ---------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs != 0 or not trainer.is_global_zero:
+            return
+        self.run(trainer, pl_module)
+
+    def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        """Score samples now, log and write them (rank zero); returns the per-sample results."""
+        if not trainer.is_global_zero:
+            return {}
+        denoiser = resolve_denoiser(pl_module, self.denoiser_attr)
+        # eval() for sampling and scoring, then every submodule back to its own mode (an EMA copy may stay in eval).
+        modes = {m: m.training for root in (pl_module, denoiser) if isinstance(root, nn.Module) for m in root.modules()}
+        for m in modes:
+            m.eval()
+        try:
+            results = self._score(trainer, pl_module, denoiser)
+        finally:
+            for m, flag in modes.items():
+                m.training = flag
+        epoch = trainer.current_epoch
+        rate = results["memorized"].float().mean().item()
+        entry = {"epoch": float(epoch), "rate": rate, "score_mean": results["score"].mean().item()}
+        metrics = {"memorization/rate": rate, "memorization/score_mean": entry["score_mean"]}
+        if "replication" in results:
+            entry.update({f"replication_{k}": v for k, v in results["replication_summary"].items()})
+            metrics.update({f"memorization/replication_{k}": v for k, v in results["replication_summary"].items()})
+        self.history.append(entry)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        self._write_csv(trainer, epoch, results)
+        self._plot(trainer, epoch, results)
+        return results
+
+    # -- internals ------------------------------------------------------------------------------------------------
+    def _points(self, trainer: Trainer, denoiser: Callable[..., Tensor], device: torch.device) -> tuple[Tensor, Tensor | None]:
+        g = torch.Generator().manual_seed(self.seed)
+        label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
+        if self.source == "train":
+            ds = _train_dataset(trainer)
+            pick = torch.randperm(len(ds), generator=g)[: self.num_samples].tolist()  # type: ignore[arg-type]
+            items = [ds[i] for i in pick]
+            x = torch.stack([_image_of(it) for it in items]).to(device)
+            labels = None
+            if label_dim and isinstance(items[0], (tuple, list)) and len(items[0]) > 1:
+                labels = F.one_hot(torch.as_tensor([int(it[1]) for it in items]), label_dim).float().to(device)
+            return x, labels
+        shape = self.img_shape or tuple(_image_of(_train_dataset(trainer)[0]).shape)
+        latents = torch.randn((self.num_samples, *shape), generator=g).to(device)
+        labels = None
+        if label_dim:
+            labels = F.one_hot(torch.randint(label_dim, (self.num_samples,), generator=g), label_dim).float().to(device)
+        xs = [
+            edm_sampler(denoiser, latents[s : s + self.batch_size],
+                        None if labels is None else labels[s : s + self.batch_size],
+                        num_steps=self.num_steps, **self.sampler_kwargs)
+            for s in range(0, self.num_samples, self.batch_size)
+        ]
+        return torch.cat(xs).float(), labels
+
+    def _score(self, trainer: Trainer, pl_module: LightningModule, denoiser: Callable[..., Tensor]) -> dict[str, Any]:
+        x, labels = self._points(trainer, denoiser, pl_module.device)
+        g = torch.Generator().manual_seed(self.seed + 1)
+        eigs = []
+        for s in range(0, x.shape[0], self.batch_size):
+            xb = x[s : s + self.batch_size]
+            lb = None if labels is None else labels[s : s + self.batch_size]
+            k = min(self.k, xb[0].numel())
+            eigs.append(log_density_hessian_eigs(denoiser, xb, self.sigma, k=k, class_labels=lb,
+                                                 num_iters=self.num_iters, generator=g).detach())
+        eigs_t = torch.cat(eigs).cpu()
+        scores = hessian_scores(eigs_t, self.sigma, threshold=0.5)
+        out: dict[str, Any] = {
+            "samples": x.detach().cpu(),
+            "eigs": eigs_t,
+            "score": scores.mean_topk,
+            "count_below": scores.count_below,
+            "memorized": scores.mean_topk > self.threshold,
+        }
+        if self.replication:
+            metric = self._replication(trainer, x.device)
+            metric.reset()
+            metric.update(x)
+            sims, idx = metric.per_sample()
+            out["replication"], out["replication_index"] = sims.cpu(), idx.cpu()
+            summary = metric.compute()
+            out["replication_summary"] = {
+                "mean": summary["mean"].item(), "p95": summary["p95"].item(), "fraction": summary["fraction_above"].item()
+            }
+        return out
+
+    def _replication(self, trainer: Trainer, device: torch.device) -> ReplicationScore:
+        if self._replication_metric is None:  # training-set features: extracted once per fit
+            loader = DataLoader(_train_dataset(trainer), batch_size=256, shuffle=False)
+            self._replication_metric = ReplicationScore(
+                loader, feature=self.replication_feature, threshold=self.replication_threshold,
+                center=self.replication_center,
+            ).to(device)
+        return self._replication_metric
+
+    def _write_csv(self, trainer: Trainer, epoch: int, results: dict[str, Any]) -> None:
+        path = run_dir(trainer) / self.csv_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fields = ["epoch", "sample", "score", "count_below", "min_eig_normalized", "memorized"]
+        has_rep = "replication" in results
+        if has_rep:
+            fields += ["replication", "replication_index"]
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(fields)
+            lam = results["eigs"] * self.sigma**2
+            for i in range(lam.shape[0]):
+                row = [epoch, i, f"{results['score'][i].item():.6g}", int(results["count_below"][i]),
+                       f"{lam[i].min().item():.6g}", int(results["memorized"][i])]
+                if has_rep:
+                    row += [f"{results['replication'][i].item():.6g}", int(results["replication_index"][i])]
+                writer.writerow(row)
+
+    def _plot(self, trainer: Trainer, epoch: int, results: dict[str, Any]) -> None:
+        lam = (results["eigs"] * self.sigma**2).numpy()
+        mem = results["memorized"].numpy()
+        fig = figure(figsize=(5, 3.5))
+        ax = fig.add_subplot(1, 1, 1)
+        lo, hi = min(-1.0, float(lam.min())), max(0.0, float(lam.max()))
+        bins = torch.linspace(lo, hi, 41).numpy()
+        for sel, name, color in ((~mem, "not memorized", "tab:blue"), (mem, "memorized", "tab:red")):
+            if sel.any():
+                ax.hist(lam[sel].ravel(), bins=bins, alpha=0.6, density=True, color=color,
+                        label=f"{name} ({int(sel.sum())})")
+        ax.set_xlabel(r"$\sigma^2\lambda$ (k most negative Hessian eigenvalues)")
+        ax.set_ylabel("density")
+        ax.set_title(f"epoch {epoch}, sigma={self.sigma:g}, k={self.k}")
+        ax.legend()
+        fig.tight_layout()
+        save_and_log_figure(trainer, fig, f"memorization/eigenvalues_epoch{epoch:04d}")
