@@ -161,7 +161,8 @@ def log_density_hessian_eigs(
         return out.reshape(batch, dim).to(x.dtype)
 
     # JVPs through F.scaled_dot_product_attention need the math kernel (flash / memory-efficient lack forward AD).
-    with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
+    # no_grad: no graph through the parameters; torch.func.vjp still differentiates w.r.t. x (it ignores outer no_grad).
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         if method == "full":
             eye = torch.eye(dim, dtype=x.dtype, device=x.device)
             jac = torch.stack([jvp(eye[i].expand(batch, dim)) for i in range(dim)], dim=-1)  # (B, d, d), columns J e_i
@@ -174,12 +175,11 @@ def log_density_hessian_eigs(
                 vjp_fn = torch.func.vjp(fn, x)[1]
 
                 def matvec(v: Tensor) -> Tensor:
-                    jtv = vjp_fn(v.reshape(x.shape).to(x.dtype))[0].detach().reshape(batch, dim)
-                    return 0.5 * (jvp(v).detach() + jtv.to(x.dtype))
+                    jtv = vjp_fn(v.reshape(x.shape).to(x.dtype))[0].reshape(batch, dim)
+                    return 0.5 * (jvp(v) + jtv.to(x.dtype))
             else:
 
-                def matvec(v: Tensor) -> Tensor:
-                    return jvp(v).detach()
+                matvec = jvp
 
             mu = _lanczos_ritz_values(matvec, batch, dim, m, x, generator)
     # mu: eigenvalues of (the symmetric part of) dD/dx, ascending; H = (J - I) / sigma^2 keeps the order.
