@@ -1,0 +1,14 @@
+"""LightningDataModules with seeded splits, optional duplication of chosen training images, resumable shuffling."""
+
+from plpriv.data.base import EpochSeededRandomSampler, ImageDataModule
+from plpriv.data.embedded import DigitsDataModule, LFWFacesDataModule
+from plpriv.data.files import ImageFolderDataModule, TorchvisionDataModule
+
+__all__ = [
+    "DigitsDataModule",
+    "EpochSeededRandomSampler",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "LFWFacesDataModule",
+    "TorchvisionDataModule",
+]

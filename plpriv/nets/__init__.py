@@ -1,0 +1,8 @@
+"""Plain ``nn.Module`` networks (no Lightning imports)."""
+
+from plpriv.nets.edm_precond import EDMLoss, EDMPrecond, edm_coefficients
+from plpriv.nets.lora import ClassLoRA, CompositionalLoRA, ConditionalLoRA, TimeLoRA, apply_lora
+from plpriv.nets.small_cnn import SmallCNN
+from plpriv.nets.songunet import SongUNet
+
+__all__ = ["EDMLoss", "EDMPrecond", "SmallCNN", "SongUNet", "ClassLoRA", "CompositionalLoRA", "ConditionalLoRA", "TimeLoRA", "apply_lora", "edm_coefficients"]
