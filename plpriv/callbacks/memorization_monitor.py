@@ -74,8 +74,9 @@ class MemorizationMonitor(Callback):
     (memorised vs not) and appends per-sample scores to ``<log dir>/memorization_scores.csv``. Rank zero only.
 
     Denoiser protocol: the LightningModule exposes ``D(x, sigma, class_labels) -> denoised`` as an attribute or a
-    no-argument getter named ``denoiser_attr`` (default: the first of ``ema_denoiser``, ``denoiser``). The denoiser's
-    ``label_dim`` attribute (0 or missing: unconditional) decides whether one-hot class labels are drawn.
+    no-argument getter named ``denoiser_attr`` (default: the first of ``ema_denoiser``, ``denoiser``; plpriv's EDM
+    module has both, ``ema_denoiser`` being its EMA network). The denoiser's ``label_dim`` attribute (0 or missing:
+    unconditional) decides whether one-hot class labels are drawn.
 
     Args:
         every_n_epochs: run after every n-th training epoch.
@@ -90,7 +91,8 @@ class MemorizationMonitor(Callback):
         replication: also log the replication score of the same samples against the training set;
             ``replication_feature`` / ``replication_threshold`` / ``replication_center`` configure
             :class:`plpriv.metrics.ReplicationScore`.
-        img_shape: (C, H, W) of generated samples; default: the shape of a training image.
+        img_shape: (C, H, W) of generated samples; default: the module's ``image_shape`` attribute, else the shape
+            of a training image.
         seed: seeds latents, labels, training-image choice and Lanczos start vectors (same points every time).
         denoiser_attr: see the protocol above.
     """
@@ -193,7 +195,10 @@ class MemorizationMonitor(Callback):
         return results
 
     # -- internals ------------------------------------------------------------------------------------------------
-    def _points(self, trainer: Trainer, denoiser: Callable[..., Tensor], device: torch.device) -> tuple[Tensor, Tensor | None]:
+    def _points(
+        self, trainer: Trainer, pl_module: LightningModule, denoiser: Callable[..., Tensor]
+    ) -> tuple[Tensor, Tensor | None]:
+        device = pl_module.device
         g = torch.Generator().manual_seed(self.seed)
         label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
         if self.source == "train":
@@ -205,7 +210,7 @@ class MemorizationMonitor(Callback):
             if label_dim and isinstance(items[0], (tuple, list)) and len(items[0]) > 1:
                 labels = F.one_hot(torch.as_tensor([int(it[1]) for it in items]), label_dim).float().to(device)
             return x, labels
-        shape = self.img_shape or tuple(_image_of(_train_dataset(trainer)[0]).shape)
+        shape = self.img_shape or getattr(pl_module, "image_shape", None) or tuple(_image_of(_train_dataset(trainer)[0]).shape)
         latents = torch.randn((self.num_samples, *shape), generator=g).to(device)
         labels = None
         if label_dim:
@@ -219,7 +224,7 @@ class MemorizationMonitor(Callback):
         return torch.cat(xs).float(), labels
 
     def _score(self, trainer: Trainer, pl_module: LightningModule, denoiser: Callable[..., Tensor]) -> dict[str, Any]:
-        x, labels = self._points(trainer, denoiser, pl_module.device)
+        x, labels = self._points(trainer, pl_module, denoiser)
         g = torch.Generator().manual_seed(self.seed + 1)
         eigs = []
         for s in range(0, x.shape[0], self.batch_size):
