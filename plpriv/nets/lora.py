@@ -132,7 +132,7 @@ class ConditionalLoRA(nn.Module):
             nn.init.zeros_(self.bias_matrix.weight)
         self.context: LoRAContext | None = None
         # Checkpoints of the unwrapped network (keys `weight`, `bias`) load into `base.` (LoRA keys then missing).
-        self._register_load_state_dict_pre_hook(_remap_base_keys)
+        self._register_load_state_dict_pre_hook(_remap_base_keys, with_module=True)
 
     # Mirror the wrapped layer so code that reads `layer.weight` (e.g. dtype checks in diffusers) keeps working.
     @property

@@ -53,6 +53,12 @@ def _linear(cin: int, cout: int, bias: bool = True, init_weight: float = 1.0) ->
     return _xavier_(nn.Linear(cin, cout, bias=bias), init_weight)  # type: ignore[return-value]
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class PositionalEmbedding(nn.Module):
     """Sinusoidal noise-level embedding, returned as ``[sin(x f), cos(x f)]``.
 
@@ -190,7 +196,9 @@ class UNetBlock(nn.Module):
             q, k, v = qkv.reshape(b * self.num_heads, c // self.num_heads, 3, hh * ww).unbind(2)
             # a[n, :, i] = sum_j softmax_j(q_i . k_j / sqrt(c_head)) v[n, :, j]   (SDPA scales by 1/sqrt(c_head)).
             a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            a = a.transpose(1, 2).reshape(b, c, hh, ww)
+            # Back to x's memory format: the plain reshape would be a channels-last view, which opacus' conv grad
+            # sampler (unfold via as_strided, opacus 1.6) silently misreads as NCHW.
+            a = a.transpose(1, 2).reshape(b, c, hh, ww).contiguous(memory_format=_memory_format(x))
             x = (self._project(self.proj, a, cond) + x).mul_(self.skip_scale)
         return x
 
