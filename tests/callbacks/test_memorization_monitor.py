@@ -16,13 +16,6 @@ from plpriv.callbacks.memorization_monitor import MemorizationMonitor
 SHAPE = (1, 4, 4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class PointsDenoiser(nn.Module):
     """Exact denoiser of the uniform mixture of the training points: a model that memorised everything."""

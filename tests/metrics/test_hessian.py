@@ -8,14 +8,6 @@ from torch import Tensor, nn
 from plpriv.metrics.hessian import conditional_hessian_score, hessian_scores, log_density_hessian_eigs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box is shared: intra-op threads contend and tiny ops get ~100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _col(sigma: Tensor, x: Tensor) -> Tensor:
     return sigma.reshape((-1,) + (1,) * (x.ndim - 1))

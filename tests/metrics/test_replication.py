@@ -10,13 +10,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from plpriv.metrics.replication import ReplicationScore
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _brute_force(queries: torch.Tensor, refs: torch.Tensor, exclude_self: bool = False):
     """Pairwise loop with torch's own cosine_similarity: (max, argmax) per query."""
