@@ -16,7 +16,6 @@ from plpriv.callbacks.memorization_monitor import MemorizationMonitor
 SHAPE = (1, 4, 4)
 
 
-
 class PointsDenoiser(nn.Module):
     """Exact denoiser of the uniform mixture of the training points: a model that memorised everything."""
 

@@ -8,7 +8,6 @@ from torch import Tensor, nn
 from plpriv.metrics.hessian import conditional_hessian_score, hessian_scores, log_density_hessian_eigs
 
 
-
 def _col(sigma: Tensor, x: Tensor) -> Tensor:
     return sigma.reshape((-1,) + (1,) * (x.ndim - 1))
 

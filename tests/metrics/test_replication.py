@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from plpriv.metrics.replication import ReplicationScore
 
 
-
 def _brute_force(queries: torch.Tensor, refs: torch.Tensor, exclude_self: bool = False):
     """Pairwise loop with torch's own cosine_similarity: (max, argmax) per query."""
     best, arg = [], []
