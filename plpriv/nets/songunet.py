@@ -2,8 +2,11 @@
 
 Karras, Aittala, Aila, Laine, "Elucidating the Design Space of Diffusion-Based Generative Models", NeurIPS 2022,
 after Song et al., "Score-Based Generative Modeling through SDEs", ICLR 2021 (DDPM++). Written from the published
-description (EDM's code is CC BY-NC-SA and is not copied here); module and parameter names follow EDM's layout
-(``map_noise``, ``enc['16x16_block0'].qkv`` ...) so that state dicts converted from EDM line up key by key.
+description (EDM's code is CC BY-NC-SA and is not copied here). Parameter names and shapes follow EDM's layout
+(``map_layer0``, ``enc['16x16_block0'].qkv`` ...); EDM state dicts additionally hold ``*.resample_filter`` buffers of
+the resampling convs, which must be dropped before ``load_state_dict`` (not tested against a released checkpoint).
+Attention uses ``F.scaled_dot_product_attention`` (EDM forces an fp32 softmax; SDPA's fused kernels accumulate the
+softmax in fp32 under bf16 autocast as well).
 
 Why not timm/diffusers blocks: EDM's exact layout (GroupNorm with ``min(32, C // 4)`` groups and eps 1e-6, additive
 embedding shift, skip scale sqrt(1/2), 1x1 resampling skip projection, xavier-uniform init with per-layer gains,
