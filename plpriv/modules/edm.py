@@ -1,0 +1,475 @@
+"""EDM diffusion training (Karras et al., NeurIPS 2022) for any EDM-style network, e.g. plpriv.nets.SongUNet with or
+without LoRA-conditioned attention (Choi et al., TMLR 2024)."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from plpriv.metrics.fid import FID
+from plpriv.nets.edm_precond import EDMLoss, EDMPrecond
+from plpriv.sampling.edm import StepCallback, edm_sampler
+from plpriv.utils.figures import run_dir, save_and_log_images
+
+__all__ = ["EDM", "NonLeakingAugment"]
+
+_SAMPLER_KEYS = frozenset(
+    p for p in inspect.signature(edm_sampler).parameters if p not in ("net", "latents", "class_labels", "generator", "callback")
+)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (numpy's SeedSequence hashing): e.g. ``(seed, step, rank)``."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class NonLeakingAugment(nn.Module):
+    """Geometric augmentation whose parameters are handed to the network (EDM Appendix B.1, "non-leaking").
+
+    The network sees a 9-d label ``[xflip, yflip, tx, ty, log2 scale, cos(rot) - 1, sin(rot), log2(aniso) cos 2phi,
+    log2(aniso) sin 2phi]``; at sampling time the label is zero (no augmentation), so augmented images never leak
+    into samples. x-flips are always drawn (EDM's ``xflip=1e8``); every other transform is applied with probability
+    ``p``. Simpler than EDM's pipeline (bilinear resampling with reflection padding instead of its filtered warps,
+    no colour transforms); set the network's ``augment_dim`` to 9.
+    """
+
+    label_dim = 9
+
+    def __init__(self, p: float = 0.12, translate_std: float = 0.125, scale_std: float = 0.2, aniso_std: float = 0.2) -> None:
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ValueError(f"augmentation probability `p` must be in [0, 1], got {p!r}")
+        self.p, self.translate_std, self.scale_std, self.aniso_std = p, translate_std, scale_std, aniso_std
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        n, device = images.shape[0], images.device
+        gate = lambda: (torch.rand(n, device=device) < self.p).float()  # noqa: E731
+        xflip = (torch.rand(n, device=device) < 0.5).float()
+        yflip = (torch.rand(n, device=device) < 0.5).float() * gate()
+        images = torch.where(xflip.view(-1, 1, 1, 1) > 0, images.flip(3), images)
+        images = torch.where(yflip.view(-1, 1, 1, 1) > 0, images.flip(2), images)
+        t = torch.randn(n, 2, device=device) * self.translate_std * gate()[:, None]
+        log_s = torch.randn(n, device=device) * self.scale_std * gate()
+        rot = (torch.rand(n, device=device) * 2 - 1) * math.pi * gate()
+        log_a = torch.randn(n, device=device) * self.aniso_std * gate()
+        phi = torch.rand(n, device=device) * math.pi
+        labels = torch.stack(
+            [xflip, yflip, t[:, 0], t[:, 1], log_s, rot.cos() - 1, rot.sin(), log_a * (2 * phi).cos(), log_a * (2 * phi).sin()],
+            dim=1,
+        )
+        if self.p > 0:
+            # Forward map M = S R A (A: stretch by 2^log_a along phi), translation 2t in normalised coordinates;
+            # grid_sample needs output -> input: p_in = M^-1 (p_out - 2t).
+            def rotation(a: Tensor) -> Tensor:
+                c, s = a.cos(), a.sin()
+                return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+            a = torch.exp2(log_a)
+            stretch = torch.diag_embed(torch.stack([a, 1 / a], -1))
+            m = torch.exp2(log_s)[:, None, None] * rotation(rot) @ rotation(phi) @ stretch @ rotation(-phi)
+            m_inv = torch.linalg.inv(m)
+            theta = torch.cat([m_inv, -(m_inv @ (2 * t)[..., None])], dim=2)
+            grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+            warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+            moved = (labels[:, 2:].abs().sum(1) > 0).view(-1, 1, 1, 1)
+            images = torch.where(moved, warped, images)
+        return images, labels.to(images.dtype)
+
+
+class EDM(LightningModule):
+    """EDM diffusion model: preconditioning, loss, Adam with lr ramp-up, EMA, Heun sampling, validation and FID.
+
+    Training follows EDM's CIFAR-10 recipe: loss summed over pixels and averaged over the batch, lr ramped linearly
+    over ``lr_rampup_img`` images, EMA with half-life ``ema_halflife_img`` images (ramped to
+    ``ema_rampup_ratio * images seen``), gradients passed through ``nan_to_num``. All training randomness (sigma, noise,
+    augmentation, dropout) is drawn from a generator seeded by ``(seed, global_step, rank, batch_idx)``, so a run
+    resumed from a checkpoint continues exactly as an uninterrupted one (given the datamodule's per-epoch seeded
+    shuffling). The EMA network is a registered, frozen copy (``self.ema``): it is saved in checkpoints, updated under
+    ``no_grad`` after each optimizer step (never a forward pass, so DP-SGD callbacks that wrap the optimizer are
+    unaffected), and used for validation, sampling and prediction.
+
+    Denoiser protocol (callbacks find it by duck typing, never by importing this class):
+        ``denoise(x, sigma, class_labels=None, use_ema=True) -> D(x; sigma)`` (fp32, eval mode, no grad unless
+        ``torch.enable_grad()`` is active and ``use_ema=False``); ``ema_denoiser`` / ``denoiser``: the EMA / online
+        :class:`~plpriv.nets.EDMPrecond` (``net(x, sigma, class_labels)``); ``sample(num_samples, class_labels=None,
+        ...) -> [N, C, H, W]`` in ``[-1, 1]``; ``num_classes`` (0 = unconditional), ``image_shape``, ``sigma_data``.
+        ``class_labels`` are integer classes ``[B]`` or one-hot ``[B, num_classes]``.
+
+    Args:
+        net: raw network ``F(x, c_noise, class_labels, augment_labels=None)``, e.g. :class:`plpriv.nets.SongUNet`; its
+            ``label_dim`` makes the model class-conditional, ``img_resolution``/``in_channels`` give the image shape.
+        sigma_data, P_mean, P_std: EDM preconditioning and noise distribution (Table 1).
+        optimizer: ``params -> Optimizer``; default Adam(lr 1e-3, betas (0.9, 0.999), eps 1e-8) as in EDM.
+        lr_rampup_img: images over which the lr ramps linearly from 0 (EDM: 10 Mimg).
+        ema_halflife_img: EMA half-life in images (EDM: 0.5 Mimg); ema_rampup_ratio: ``None`` disables the ramp.
+        augment_p: probability of each non-leaking augmentation (EDM CIFAR-10: 0.12; 0 = off). Needs ``net``
+            with ``augment_dim = 9``.
+        grad_nan_to_num: replace NaN/inf gradients as EDM does.
+        seed: root of all training/validation/sampling randomness.
+        sampler_kwargs: overrides of :func:`plpriv.sampling.edm_sampler` settings (``num_steps``, ``S_churn``, ...).
+        image_shape: ``(C, H, W)`` when ``net`` lacks ``in_channels``/``img_resolution``.
+        val_sigmas: noise levels at which validation loss is logged (``val/loss@sigma=<s>``).
+        num_val_samples: samples drawn with the EMA net after every validation epoch for the grid ``val_samples.png``.
+        fid_feature: feature network for FID (an ``nn.Module``, e.g. :class:`plpriv.metrics.ClassifierFeatures`), or
+            ``"inception"`` (needs torch-fidelity), or ``None`` (no FID). A feature net with ``logits`` also gives
+            ``val/sample_acc``: how often a class-conditional sample is classified as its requested class.
+        fid_num_samples: generated images per FID evaluation (EDM: 50,000; real statistics: the validation split).
+        sample_batch_size: batch size of sampling in validation.
+        predict_num_samples, predict_batch_size, predict_class: ``trainer.predict`` draws this many samples (seeds
+            ``0..N-1``; class ``seed % num_classes`` unless ``predict_class`` is set).
+        predict_dir: where prediction writes PNG grids and ``samples.npz`` (default ``<log dir>/samples``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        sigma_data: float = 0.5,
+        P_mean: float = -1.2,
+        P_std: float = 1.2,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_rampup_img: float = 10_000_000,
+        ema_halflife_img: float = 500_000,
+        ema_rampup_ratio: float | None = 0.05,
+        augment_p: float = 0.0,
+        grad_nan_to_num: bool = True,
+        seed: int = 0,
+        sampler_kwargs: dict[str, Any] | None = None,
+        image_shape: tuple[int, int, int] | None = None,
+        val_sigmas: Sequence[float] = (0.02, 0.1, 0.5, 2.0, 10.0),
+        num_val_samples: int = 64,
+        fid_feature: nn.Module | str | None = None,
+        fid_num_samples: int = 0,
+        sample_batch_size: int = 256,
+        predict_num_samples: int = 100,
+        predict_batch_size: int = 100,
+        predict_class: int | None = None,
+        predict_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"`net` must be an nn.Module (e.g. plpriv.nets.SongUNet), got {type(net).__name__}")
+        for name, value in (("lr_rampup_img", lr_rampup_img), ("ema_halflife_img", ema_halflife_img)):
+            if value < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {value!r}")
+        if ema_rampup_ratio is not None and ema_rampup_ratio <= 0:
+            raise ValueError(f"`ema_rampup_ratio` must be > 0 or None, got {ema_rampup_ratio!r}")
+        for name, value in (("num_val_samples", num_val_samples), ("fid_num_samples", fid_num_samples),
+                            ("predict_num_samples", predict_num_samples)):
+            if value < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {value!r}")
+        if sample_batch_size < 1 or predict_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {sample_batch_size!r} and {predict_batch_size!r}")
+        bad = set(sampler_kwargs or {}) - _SAMPLER_KEYS
+        if bad:
+            raise ValueError(f"unknown `sampler_kwargs` {sorted(bad)}; allowed: {sorted(_SAMPLER_KEYS)}")
+        self.save_hyperparameters(ignore=["net", "optimizer", "fid_feature"])
+
+        self.net = EDMPrecond(net, sigma_data=sigma_data)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.loss_fn = EDMLoss(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
+        self.num_classes = self.net.label_dim
+        self.sigma_data = float(sigma_data)
+        if image_shape is None:
+            if not all(hasattr(net, a) for a in ("in_channels", "img_resolution")):
+                raise ValueError(f"{type(net).__name__} has no `in_channels`/`img_resolution`: pass `image_shape=(C, H, W)`")
+            image_shape = (int(net.in_channels), int(net.img_resolution), int(net.img_resolution))
+        self.image_shape = tuple(int(v) for v in image_shape)
+
+        self.augment: NonLeakingAugment | None = None
+        if augment_p > 0:
+            augment_dim = int(getattr(net, "augment_dim", 0) or 0)
+            if augment_dim != NonLeakingAugment.label_dim:
+                raise ValueError(
+                    f"`augment_p`={augment_p} needs a network with augment_dim={NonLeakingAugment.label_dim}, "
+                    f"got augment_dim={augment_dim}"
+                )
+            self.augment = NonLeakingAugment(p=augment_p)
+
+        self.optimizer_factory = optimizer
+        self.lr_rampup_img = float(lr_rampup_img)
+        self.ema_halflife_img = float(ema_halflife_img)
+        self.ema_rampup_ratio = ema_rampup_ratio
+        self.grad_nan_to_num = grad_nan_to_num
+        self.seed = int(seed)
+        self.sampler_kwargs = dict(sampler_kwargs or {})
+        self.val_sigmas = [float(s) for s in val_sigmas]
+        self.num_val_samples = num_val_samples
+        self.fid_num_samples = fid_num_samples
+        self.sample_batch_size = sample_batch_size
+        self.predict_num_samples = predict_num_samples
+        self.predict_batch_size = predict_batch_size
+        self.predict_class = predict_class
+        self.predict_dir = predict_dir
+        if predict_class is not None and not 0 <= predict_class < max(self.num_classes, 1):
+            raise ValueError(f"`predict_class` {predict_class!r} is not a class of this model ({self.num_classes} classes)")
+
+        self.fid: FID | None = None
+        self._class_scorer: Callable[[Tensor], Tensor] | None = None
+        if fid_feature is not None:
+            if isinstance(fid_feature, str):
+                if fid_feature != "inception":
+                    raise ValueError(f"`fid_feature` must be an nn.Module, 'inception' or None, got {fid_feature!r}")
+                fid_feature = None  # FID's default: Inception-v3 2048-d pool features
+            self.fid = FID(fid_feature, reset_real_features=False, input_shape=self.image_shape)
+            if fid_feature is not None and callable(getattr(fid_feature, "logits", None)):
+                self._class_scorer = fid_feature.logits
+        # Images the network has been trained on (EDM's cur_nimg): drives the EMA ramp; saved in checkpoints.
+        self.register_buffer("images_seen", torch.zeros((), dtype=torch.int64))
+        self._global_batch = 0
+        self._fid_real_ready = False
+        self._predictions: list[dict[str, Tensor]] = []
+
+    # ------------------------------------------------------------------------------------------------ protocol ---
+    @property
+    def denoiser(self) -> EDMPrecond:
+        """The online (trained) denoiser ``D(x, sigma, class_labels)``."""
+        return self.net
+
+    @property
+    def ema_denoiser(self) -> EDMPrecond:
+        """The EMA denoiser ``D(x, sigma, class_labels)`` (frozen, eval mode)."""
+        return self.ema
+
+    @contextmanager
+    def _eval_mode(self, module: nn.Module) -> Iterator[None]:
+        was_training = module.training
+        module.eval()
+        try:
+            yield
+        finally:
+            module.train(was_training)
+
+    def denoise(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None, use_ema: bool = True) -> Tensor:
+        """``D(x; sigma)`` with the EMA (default) or online network, in eval mode (no dropout)."""
+        net = self.ema if use_ema else self.net
+        with self._eval_mode(net), (torch.no_grad() if use_ema else nullcontext()):
+            return net(x, sigma, class_labels)
+
+    def sampler_settings(self, **overrides: Any) -> dict[str, Any]:
+        """EDM sampler settings: defaults of :func:`edm_sampler`, then ``sampler_kwargs``, then ``overrides``."""
+        return {**self.sampler_kwargs, **overrides}
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int | None = None,
+        class_labels: Tensor | None = None,
+        latents: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+        callback: StepCallback | None = None,
+        **sampler_overrides: Any,
+    ) -> Tensor:
+        """Draw samples ``[N, C, H, W]`` (fp32, nominally ``[-1, 1]``, not clamped) with EDM's Heun sampler.
+
+        ``class_labels``: integer classes ``[N]`` (default for a conditional model: ``arange(N) % num_classes``).
+        ``latents``: standard normal ``[N, C, H, W]`` (default: drawn from ``generator``).
+        """
+        if latents is None:
+            if num_samples is None:
+                raise ValueError("give `num_samples` or `latents`")
+            latents = torch.randn(num_samples, *self.image_shape, generator=generator, device=self.device)
+        n = latents.shape[0]
+        if self.num_classes and class_labels is None:
+            class_labels = torch.arange(n, device=latents.device) % self.num_classes
+        net = self.ema if use_ema else self.net
+        with self._eval_mode(net):
+            x = edm_sampler(net, latents.to(self.device), class_labels, generator=generator, callback=callback,
+                            **self.sampler_settings(**sampler_overrides))
+        return x.to(torch.float32)
+
+    # ---------------------------------------------------------------------------------------------- training ---
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the network has no trainable parameters (freeze_base without LoRA?)")
+        optimizer = self.optimizer_factory(params)
+        if self.lr_rampup_img <= 0:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_factor(self, step: int) -> float:
+        # EDM: lr * min(cur_nimg / lr_rampup_img, 1) with cur_nimg = step * global batch (0 at the first step).
+        return min(step * self._global_batch / max(self.lr_rampup_img, 1e-8), 1.0)
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self._trainer is not None else 0
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    @contextmanager
+    def _seeded(self, *parts: int) -> Iterator[None]:
+        """Run a block with the global RNG (dropout, sigma, noise) seeded by ``parts``; restore the RNG afterwards."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
+            torch.manual_seed(derived_seed(self.seed, *parts))
+            yield
+
+    def _labels(self, y: Tensor | None) -> Tensor | None:
+        return y if self.num_classes and y is not None else None
+
+    @staticmethod
+    def _unpack(batch: Any) -> tuple[Tensor, Tensor | None]:
+        if isinstance(batch, (list, tuple)):
+            return batch[0], (batch[1] if len(batch) > 1 else None)
+        return batch, None
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels = self._unpack(batch)
+        if tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"EDM expects images {self.image_shape}, got {tuple(images.shape[1:])}: match the data's "
+                             "image_size/channels to the network's img_resolution/in_channels")
+        self._global_batch = images.shape[0] * self._world_size() * self.trainer.accumulate_grad_batches
+        with self._seeded(0, self.global_step, self._rank(), batch_idx):
+            augment_labels = None
+            if self.augment is not None:
+                images, augment_labels = self.augment(images)
+            loss = self.loss_fn(self.net, images, self._labels(labels), augment_labels)
+        self.log("train/loss", loss.mean(), prog_bar=True, batch_size=images.shape[0])
+        return loss.sum(dim=tuple(range(1, loss.ndim))).mean()  # EDM: sum over pixels, mean over images
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.grad_nan_to_num:
+            for p in self.net.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> float:
+        """One EMA step after an optimizer step (EDM): ``beta = 0.5 ** (batch / half_life)``; returns beta."""
+        half_life = self.ema_halflife_img
+        if self.ema_rampup_ratio is not None:
+            half_life = min(half_life, float(self.images_seen) * self.ema_rampup_ratio)
+        beta = 0.5 ** (self._global_batch / max(half_life, 1e-8))
+        for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
+            p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+        for b_ema, b_net in zip(self.ema.buffers(), self.net.buffers()):
+            b_ema.copy_(b_net)
+        self.images_seen += self._global_batch
+        return beta
+
+    def train(self, mode: bool = True) -> EDM:
+        super().train(mode)
+        self.ema.eval()  # the EMA copy never runs dropout
+        return self
+
+    # -------------------------------------------------------------------------------------------- validation ---
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, labels = self._unpack(batch)
+        labels = self._labels(labels)
+        n = images.shape[0]
+        with self._seeded(1, batch_idx, self._rank()):
+            loss = self.loss_fn(self.ema, images, labels)
+            self.log("val/loss", loss.mean(), prog_bar=True, batch_size=n, sync_dist=True)
+            for s in self.val_sigmas:
+                loss_s = self.loss_fn(self.ema, images, labels, sigma=torch.full((n,), s, device=images.device))
+                self.log(f"val/loss@sigma={s:g}", loss_s.mean(), batch_size=n, sync_dist=True)
+        if self.fid is not None and not self._fid_real_ready and not self.trainer.sanity_checking:
+            self.fid.update(images, real=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        if self.fid is not None:
+            self._fid_real_ready = True
+        n_grid = self.num_val_samples if self.trainer.is_global_zero else 0
+        n_fid = math.ceil(self.fid_num_samples / self._world_size()) if self.fid is not None else 0
+        n_total = max(n_grid, n_fid, self.num_val_samples if self._class_scorer is not None else 0)
+        if n_total == 0:
+            return
+        generator = torch.Generator(self.device).manual_seed(derived_seed(self.seed, 2, self._rank()))
+        grid, correct, counted = [], 0, 0
+        with self.trainer.precision_plugin.forward_context():
+            for start in range(0, n_total, self.sample_batch_size):
+                count = min(self.sample_batch_size, n_total - start)
+                labels = (torch.arange(start, start + count, device=self.device) % self.num_classes
+                          if self.num_classes else None)
+                x = self.sample(count, labels, generator=generator).clamp(-1, 1)
+                if start < n_grid:
+                    grid.append(x[: n_grid - start].cpu())
+                if start < n_fid and self.fid is not None:
+                    self.fid.update(x[: n_fid - start], real=False)
+                if self._class_scorer is not None and labels is not None:
+                    correct += int((self._class_scorer(x).argmax(1) == labels).sum())
+                    counted += count
+        if grid:
+            save_and_log_images(self.trainer, torch.cat(grid), "val_samples", nrow=self.num_classes or None)
+        if n_fid and self.fid is not None:
+            self.log("val/fid", self.fid.compute(), sync_dist=False)
+            self.fid.reset()  # keeps the real statistics (reset_real_features=False)
+        if counted:
+            acc = torch.tensor(correct / counted, device=self.device)
+            self.log("val/sample_acc", acc, sync_dist=True)
+
+    # ---------------------------------------------------------------------------------------------- predict ----
+    def predict_dataloader(self) -> DataLoader:
+        """Seeds ``0..predict_num_samples-1`` (used when the datamodule defines no ``predict_dataloader``)."""
+        return DataLoader(torch.arange(self.predict_num_samples), batch_size=self.predict_batch_size, shuffle=False)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Sample one image per seed in ``batch`` (int64 ``[B]``; an ``(images, labels)`` batch samples its labels)."""
+        if isinstance(batch, Tensor) and not batch.is_floating_point():
+            seeds = batch.long()
+            labels = None
+            if self.num_classes:
+                labels = (torch.full_like(seeds, self.predict_class) if self.predict_class is not None
+                          else seeds % self.num_classes)
+        else:
+            images, labels = self._unpack(batch)
+            start = batch_idx * images.shape[0]
+            seeds = torch.arange(start, start + images.shape[0], device=images.device)
+            labels = self._labels(labels)
+        # One generator per seed (as EDM's generate.py does): an image depends on its seed only, not on batching.
+        latents = torch.stack([
+            torch.randn(self.image_shape, generator=torch.Generator().manual_seed(derived_seed(self.seed, 3, int(s))))
+            for s in seeds.tolist()
+        ]).to(self.device)
+        x = self.sample(latents=latents, class_labels=labels)
+        uint8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        out = {"images": uint8.cpu(), "seeds": seeds.cpu()}
+        if labels is not None:
+            out["labels"] = labels.cpu()
+        self._predictions.append(out)
+        save_and_log_images(None, x.clamp(-1, 1).cpu(), f"grid_{self._rank():02d}_{batch_idx:04d}",
+                            nrow=self.num_classes or None, directory=self._predict_dir())
+        return out
+
+    def _predict_dir(self) -> Path:
+        return Path(self.predict_dir) if self.predict_dir else run_dir(self.trainer) / "samples"
+
+    def on_predict_epoch_start(self) -> None:
+        self._predictions = []
+
+    def on_predict_epoch_end(self) -> None:
+        if not self._predictions:
+            return
+        images = torch.cat([p["images"] for p in self._predictions]).permute(0, 2, 3, 1).numpy()  # NHWC uint8
+        arrays = {"images": images, "seeds": torch.cat([p["seeds"] for p in self._predictions]).numpy()}
+        if "labels" in self._predictions[0]:
+            arrays["labels"] = torch.cat([p["labels"] for p in self._predictions]).numpy()
+        suffix = f"_rank{self._rank()}" if self._world_size() > 1 else ""
+        path = self._predict_dir() / f"samples{suffix}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **arrays)
+        rank_zero_info(f"EDM: wrote {len(images)} samples to {path} and PNG grids beside it")
+        self._predictions = []
