@@ -11,3 +11,5 @@ from plpriv.privacy.audit import (
     one_run_epsilon_lower_bound,
     select_threshold,
 )
+from plpriv.privacy.accounting import calibrate_noise_multiplier, default_delta, epsilon, max_steps_within_budget
+from plpriv.privacy.poisson import PoissonBatchSampler, PoissonDataLoader

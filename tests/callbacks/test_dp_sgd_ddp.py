@@ -1,0 +1,68 @@
+"""DPSGD under DDP (2 CPU processes, gloo) against the single-process run.
+
+Facts: noise is added once (rank 0) and the clipped, noised gradient is all-reduced, so replicas stay identical;
+every rank takes the same number of steps (no desynchronisation); and since all ranks draw the single-process
+Poisson batch and split it, the DDP run is the single-process run up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    from lightning.pytorch import Trainer
+    from _dp_toy import ToyClassifier, ToyData
+    from plpriv.callbacks import DPSGD
+
+    out, devices, physical = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    dp = DPSGD(max_grad_norm=0.5, noise_multiplier=1.0, seed=4, target_delta=1e-5, accountant="rdp",
+               max_physical_batch_size=None if physical == "none" else int(physical))
+    model = ToyClassifier(lr=0.5, norm="group").double()
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=9,
+                      precision="64-true", callbacks=[dp], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
+    trainer.fit(model, ToyData(n=40, batch_size=8))
+    torch.save({"params": [p.detach() for p in model.parameters()], "steps": dp.steps, "global_step":
+                trainer.global_step, "history": dp.history, "sizes": model.seen_batch_sizes},
+               f"{out}/rank{trainer.global_rank}_of{devices}.pt")
+    """
+)
+
+
+def _run(tmp_path: Path, devices: int, physical: str = "none") -> None:
+    script = tmp_path / "ddp_dp_sgd.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices), physical], cwd=tmp_path,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("physical", ["none", pytest.param("2", marks=pytest.mark.slow)])
+def test_ddp_replicas_identical_and_equal_to_single_process(tmp_path: Path, physical: str) -> None:
+    _run(tmp_path, 2, physical)
+    _run(tmp_path, 1, physical)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}_of2.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "rank0_of1.pt")
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)  # replicas identical
+    assert r0["steps"] == r1["steps"] == single["steps"] == 9 == r0["global_step"] == r1["global_step"]
+    assert r0["history"] == single["history"]
+    # each rank trained on its share of the single-process batch
+    assert [a + b for a, b in zip(r0["sizes"], r1["sizes"])] == single["sizes"] or physical != "none"
+    for a, b in zip(r0["params"], single["params"]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)  # the single-process run, up to summation order
