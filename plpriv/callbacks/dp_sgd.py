@@ -69,6 +69,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -298,7 +299,11 @@ class DPSGD(Callback):
         self._batch_rate: float = 0.0
         self._restore: list[Callable[[], None]] = []
         self._sync_off = contextlib.ExitStack()
-        self._eps_cache: dict[tuple[int, float], float] = {}
+        self._eps_cache: dict[tuple[tuple, float], float] = {}
+        self._eps_pending: dict[tuple[tuple, float], Future] = {}
+        self._eps_pool: ThreadPoolExecutor | None = None
+        self._dp_params: list[torch.Tensor] = []
+        self._last_log_steps: list[int] = []
 
     # ------------------------------------------------------------------ public API
     @property
@@ -625,6 +630,9 @@ class DPSGD(Callback):
         optimizers[index] = dp_optimizer
         trainer.strategy.optimizers = optimizers
         self._original_optimizer, self._dp_optimizer = original, dp_optimizer
+        self._dp_params = list(dp_optimizer.params)
+        if trainer.is_global_zero:
+            self._start_epsilon_prefetch(trainer, planned)
 
         if isinstance(trainer.strategy.model, DistributedDataParallel):
             # opacus' DistributedDPOptimizer all-reduces the noised gradient; DDP's own all-reduce would be wasted
@@ -818,7 +826,7 @@ class DPSGD(Callback):
         """opacus raises on parameters without per-sample gradients (unused in this step): those are zero."""
         if self.grad_sample_mode == "ghost":
             return
-        params = optimizer.params
+        params = self._dp_params
         if all(p.grad_sample is not None for p in params):
             return
         n = next((len(p.grad_sample) for p in params if isinstance(p.grad_sample, torch.Tensor)), 0)
@@ -845,17 +853,46 @@ class DPSGD(Callback):
                 self._stop_on_budget(trainer)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning hands step metrics to the loggers every `log_every_n_steps` steps and drops the others, so the
+        # dp/* values are logged on exactly those steps (no public API for the condition; without it: every step).
+        # Epsilon costs 0.03-1 s per accountant call: it is precomputed in a background thread (see
+        # `_prefetch_epsilon`) for the next logging step and only read here.
+        connector = getattr(trainer, "_logger_connector", None)
+        if not getattr(connector, "should_update_logs", True):
+            return
         values = {
             "dp/delta": float(self.delta),  # type: ignore[arg-type]
             "dp/noise_multiplier": float(self.effective_noise_multiplier),  # type: ignore[arg-type]
             "dp/sample_rate": float(self.sample_rate),  # type: ignore[arg-type]
         }
-        # Lightning hands step metrics to the loggers every `log_every_n_steps`; epsilon (0.1-1 s per accountant
-        # call) is computed exactly on those steps only. There is no public API for the condition.
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
-        connector = getattr(trainer, "_logger_connector", None)
-        if trainer.is_global_zero and getattr(connector, "should_update_logs", True):
-            pl_module.log("dp/epsilon", self.get_epsilon(), on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+        if trainer.is_global_zero:  # the accountant history is the same on every rank
+            pl_module.log("dp/epsilon", self.get_epsilon(), on_step=True, on_epoch=False, batch_size=1,
+                          rank_zero_only=True)
+            self._last_log_steps = [*self._last_log_steps[-1:], self.steps]
+            gap = self._last_log_steps[-1] - self._last_log_steps[0] if len(self._last_log_steps) == 2 else 0
+            self._prefetch_epsilon(gap or max(trainer.log_every_n_steps, 1))
+
+    def _start_epsilon_prefetch(self, trainer: Trainer, planned: float) -> None:
+        """Background epsilon for the first logging step and, for short runs, the points of the final curve."""
+        self._eps_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpsgd-epsilon")
+        every = max(trainer.log_every_n_steps, 1)
+        self._prefetch_epsilon(every - self.steps % every)
+        if math.isfinite(planned) and planned // every < 8:
+            for k in np.unique(np.linspace(1, int(planned), 8).round().astype(int)):
+                self._prefetch_epsilon(int(k) - self.steps)
+
+    def _prefetch_epsilon(self, ahead: int) -> None:
+        """Submit epsilon after ``ahead`` more steps at the current (sigma, q) to the background thread."""
+        if self._eps_pool is None or ahead <= 0 or self.delta is None:
+            return
+        history = extend_history(self.history, self.effective_noise_multiplier, self.sample_rate, ahead)  # type: ignore[arg-type]
+        key = (tuple(history), float(self.delta))
+        if key in self._eps_cache or key in self._eps_pending:
+            return
+        while len(self._eps_pending) >= 16:  # predictions that were never used
+            self._eps_pending.pop(next(iter(self._eps_pending))).cancel()
+        self._eps_pending[key] = self._eps_pool.submit(epsilon, history, float(self.delta), self.accountant)
 
     def _stop_on_budget(self, trainer: Trainer) -> None:
         trainer.should_stop = True
@@ -910,11 +947,15 @@ class DPSGD(Callback):
         save_and_log_figure(trainer, fig, "dp_epsilon", directory=directory)
 
     def _epsilon_at(self, steps: int, delta: float) -> float:
-        key = (steps, delta)
+        """Epsilon after the first ``steps`` steps (cached; precomputed values are taken from the thread)."""
+        history = _truncate(self.history, steps)
+        key = (tuple(history), delta)
         if key not in self._eps_cache:
-            self._eps_cache[key] = epsilon(_truncate(self.history, steps), delta, self.accountant)
-            if delta == self.delta:
-                self.curve = sorted({**dict(self.curve), steps: self._eps_cache[key]}.items())
+            future = self._eps_pending.pop(key, None)
+            value = future.result() if future is not None else epsilon(history, delta, self.accountant)
+            self._eps_cache[key] = value
+            if delta == self.delta and steps > 0:
+                self.curve = sorted({**dict(self.curve), steps: value}.items())
         return self._eps_cache[key]
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -934,6 +975,10 @@ class DPSGD(Callback):
                 if hasattr(p, "summed_grad"):
                     del p.summed_grad
         self._dp_optimizer = None
+        self._dp_params = []
+        if self._eps_pool is not None:
+            self._eps_pool.shutdown(wait=False, cancel_futures=True)
+            self._eps_pool, self._eps_pending = None, {}
 
     def _cleanup_hooks(self) -> None:
         for hooks in self._hooks:

@@ -1,0 +1,51 @@
+"""A user's own LightningModule (not from plpriv) trains privately with DPSGD stacked from YAML via the plpriv CLI."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from _helpers import ROOT, run_plpriv
+
+USER_CONFIG = """
+seed_everything: 0
+trainer:
+  max_steps: 6
+  accelerator: cpu
+  devices: 1
+  log_every_n_steps: 2
+  enable_progress_bar: false
+  enable_model_summary: false
+  default_root_dir: {root}
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {root}, name: user, version: ""}}
+model:
+  class_path: _dp_toy.ToyClassifier
+  init_args: {{lr: 0.5}}
+data:
+  class_path: _dp_toy.ToyData
+  init_args: {{n: 48, batch_size: 8}}
+"""
+
+
+def test_user_module_trains_privately_from_yaml(tmp_path: Path) -> None:
+    config = tmp_path / "user.yaml"
+    config.write_text(USER_CONFIG.format(root=tmp_path))
+    fragment = ROOT / "callbacks" / "dp_sgd.yaml"
+    proc = run_plpriv(
+        ["fit", "-c", str(config), "-c", str(fragment), "--trainer.callbacks+.init_args.target_epsilon", "5"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT / "tests")},
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "calibrated noise_multiplier" in proc.stdout and "DPSGD: 6 steps" in proc.stdout
+    rows = list(csv.DictReader(open(tmp_path / "user" / "metrics.csv")))
+    eps = [(int(r["step"]), float(r["dp/epsilon"])) for r in rows if r.get("dp/epsilon")]
+    assert len(eps) >= 3 and all(b > a for (_, a), (_, b) in zip(eps, eps[1:]))  # logged, increasing
+    assert 0 < eps[-1][1] <= 5.0
+    deltas = [float(r["dp/delta"]) for r in rows if r.get("dp/delta")]
+    assert deltas and all(math.isclose(d, 48**-1.1, rel_tol=1e-6) for d in deltas)  # target_delta: null -> 1/N^1.1
+    assert all(math.isclose(float(r["dp/sample_rate"]), 1 / 6, rel_tol=1e-6) for r in rows if r.get("dp/sample_rate"))
+    assert (tmp_path / "user" / "dp_epsilon.png").is_file()
