@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -127,11 +127,16 @@ class EDM(LightningModule):
         fid_feature: feature network for FID (an ``nn.Module``, e.g. :class:`plpriv.metrics.ClassifierFeatures`), or
             ``"inception"`` (needs torch-fidelity), or ``None`` (no FID). A feature net with ``logits`` also gives
             ``val/sample_acc``: how often a class-conditional sample is classified as its requested class.
-        fid_num_samples: generated images per FID evaluation (EDM: 50,000; real statistics: the validation split).
+        fid_num_samples: generated images per FID evaluation (EDM: 50,000).
+        fid_real_split: images giving the real statistics: ``"val"`` (collected during the first validation) or
+            ``"train"`` (the datamodule's training set, as EDM does, computed once at the first validation).
         sample_batch_size: batch size of sampling in validation.
         predict_num_samples, predict_batch_size, predict_class: ``trainer.predict`` draws this many samples (seeds
             ``0..N-1``; class ``seed % num_classes`` unless ``predict_class`` is set).
         predict_dir: where prediction writes PNG grids and ``samples.npz`` (default ``<log dir>/samples``).
+        init_checkpoint: start from these weights (fine-tuning, e.g. the LoRA paper's recipe from a pretrained EDM
+            net): a plpriv EDM checkpoint (its EMA weights) or a plain state dict of the raw network. Missing LoRA
+            parameters keep their initialisation (LoRA starts as the identity); other missing keys are an error.
     """
 
     def __init__(
@@ -153,11 +158,13 @@ class EDM(LightningModule):
         num_val_samples: int = 64,
         fid_feature: nn.Module | str | None = None,
         fid_num_samples: int = 0,
+        fid_real_split: Literal["val", "train"] = "val",
         sample_batch_size: int = 256,
         predict_num_samples: int = 100,
         predict_batch_size: int = 100,
         predict_class: int | None = None,
         predict_dir: str | None = None,
+        init_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -178,7 +185,11 @@ class EDM(LightningModule):
             raise ValueError(f"unknown `sampler_kwargs` {sorted(bad)}; allowed: {sorted(_SAMPLER_KEYS)}")
         self.save_hyperparameters(ignore=["net", "optimizer", "fid_feature"])
 
+        if fid_real_split not in ("val", "train"):
+            raise ValueError(f"`fid_real_split` must be 'val' or 'train', got {fid_real_split!r}")
         self.net = EDMPrecond(net, sigma_data=sigma_data)
+        if init_checkpoint is not None:
+            self._load_init_weights(init_checkpoint)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.loss_fn = EDMLoss(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
         self.num_classes = self.net.label_dim
@@ -209,6 +220,7 @@ class EDM(LightningModule):
         self.val_sigmas = [float(s) for s in val_sigmas]
         self.num_val_samples = num_val_samples
         self.fid_num_samples = fid_num_samples
+        self.fid_real_split = fid_real_split
         self.sample_batch_size = sample_batch_size
         self.predict_num_samples = predict_num_samples
         self.predict_batch_size = predict_batch_size
@@ -232,6 +244,28 @@ class EDM(LightningModule):
         self._global_batch = 0
         self._fid_real_ready = False
         self._predictions: list[dict[str, Tensor]] = []
+        self._predict_path: Path | None = None
+
+    def _load_init_weights(self, path: str) -> None:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"`init_checkpoint` {path!r} holds no state dict")
+        for prefix in ("ema.model.", "net.model.", "model.", ""):
+            weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if weights:
+                break
+        result = self.net.model.load_state_dict(weights, strict=False)
+        from plpriv.nets.lora import lora_parameters
+
+        lora_ids = {id(p) for p in lora_parameters(self.net.model)}
+        lora_names = {n for n, p in self.net.model.named_parameters() if id(p) in lora_ids}
+        missing = [k for k in result.missing_keys if k not in lora_names]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"`init_checkpoint` {path!r} does not fit the network: missing {missing[:8]}, "
+                             f"unexpected {result.unexpected_keys[:8]}")
+        rank_zero_info(f"EDM: initialised from {path} ({len(weights)} tensors, {len(result.missing_keys)} LoRA "
+                       "tensors left at their initialisation)")
 
     # ------------------------------------------------------------------------------------------------ protocol ---
     @property
@@ -384,13 +418,30 @@ class EDM(LightningModule):
             for s in self.val_sigmas:
                 loss_s = self.loss_fn(self.ema, images, labels, sigma=torch.full((n,), s, device=images.device))
                 self.log(f"val/loss@sigma={s:g}", loss_s.mean(), batch_size=n, sync_dist=True)
-        if self.fid is not None and not self._fid_real_ready and not self.trainer.sanity_checking:
+        if (self.fid is not None and self.fid_real_split == "val" and not self._fid_real_ready
+                and not self.trainer.sanity_checking):
             self.fid.update(images, real=True)
+
+    def _fid_real_from_train(self) -> None:
+        """Real FID statistics over the training set, each rank a strided share (metric states are summed)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(datamodule, "train_dataset", None)
+        if dataset is None:
+            raise ValueError("fid_real_split='train' needs a datamodule with a `train_dataset`")
+        indices = list(range(self._rank(), len(dataset), self._world_size()))
+        loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=self.sample_batch_size)
+        for batch in loader:
+            images, _ = self._unpack(batch)
+            self.fid.update(images.to(self.device), real=True)  # type: ignore[union-attr]
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        if self.fid is not None:
+        # `trainer.log_dir` is a collective (broadcast) under DDP: every rank asks, before any rank-zero branch.
+        log_dir = run_dir(self.trainer)
+        if self.fid is not None and not self._fid_real_ready:
+            if self.fid_real_split == "train":
+                self._fid_real_from_train()
             self._fid_real_ready = True
         n_grid = self.num_val_samples if self.trainer.is_global_zero else 0
         n_fid = math.ceil(self.fid_num_samples / self._world_size()) if self.fid is not None else 0
@@ -413,7 +464,8 @@ class EDM(LightningModule):
                     correct += int((self._class_scorer(x).argmax(1) == labels).sum())
                     counted += count
         if grid:
-            save_and_log_images(self.trainer, torch.cat(grid), "val_samples", nrow=self.num_classes or None)
+            save_and_log_images(self.trainer, torch.cat(grid), "val_samples", nrow=self.num_classes or None,
+                                directory=log_dir)
         if n_fid and self.fid is not None:
             self.log("val/fid", self.fid.compute(), sync_dist=False)
             self.fid.reset()  # keeps the real statistics (reset_real_features=False)
@@ -455,10 +507,14 @@ class EDM(LightningModule):
         return out
 
     def _predict_dir(self) -> Path:
-        return Path(self.predict_dir) if self.predict_dir else run_dir(self.trainer) / "samples"
+        if self._predict_path is None:  # `trainer.log_dir` is a collective under DDP: resolved once on all ranks
+            self._predict_path = Path(self.predict_dir) if self.predict_dir else run_dir(self.trainer) / "samples"
+        return self._predict_path
 
     def on_predict_epoch_start(self) -> None:
         self._predictions = []
+        self._predict_path = None
+        self._predict_dir()
 
     def on_predict_epoch_end(self) -> None:
         if not self._predictions:
