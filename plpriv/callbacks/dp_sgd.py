@@ -362,15 +362,16 @@ class DPSGD(Callback):
                 " the non-private batch gradient, which DP-SGD discards; DP-SGD clips every per-sample gradient to"
                 " `max_grad_norm` instead. Remove `gradient_clip_val`."
             )
+        name = type(pl_module).__name__
         if is_overridden("configure_gradient_clipping", pl_module):
             rank_zero_warn(
-                "DPSGD: `configure_gradient_clipping` sees the non-private gradient, which DP-SGD replaces by the"
-                " clipped, noised one; its clipping has no effect."
+                f"DPSGD: `{name}.configure_gradient_clipping` sees the non-private gradient, which DP-SGD replaces by"
+                " the clipped, noised one; its clipping has no effect."
             )
         if is_overridden("on_before_optimizer_step", pl_module):
             rank_zero_warn(
-                "DPSGD: `on_before_optimizer_step` sees the NON-private batch gradient (before per-sample clipping"
-                " and noise); logging or using it leaks information that the DP guarantee does not cover."
+                f"DPSGD: `{name}.on_before_optimizer_step` runs on the NON-private batch gradient (before per-sample"
+                " clipping and noise, which then replace it): logging or using it is not covered by the DP guarantee."
             )
         if self.poisson_sampling and trainer.accumulate_grad_batches != 1:
             raise ValueError(
@@ -580,6 +581,8 @@ class DPSGD(Callback):
                 raise RuntimeError(
                     "DPSGD's Poisson loader is not the train loader Lightning uses; was `train_dataloader` replaced?"
                 )
+            if not self.secure_mode:  # the seed may have come from the checkpoint after the loader was built
+                loader.sampler.seed = _derived_seed(self._seed or 0, 1)
             if self._loaded_loader_state is not None:  # loader state restore, even if the loader was built early
                 loader.load_state_dict(self._loaded_loader_state)
                 self._loaded_loader_state = None

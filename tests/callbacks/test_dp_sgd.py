@@ -171,18 +171,25 @@ def test_default_delta_is_one_over_n_to_the_1_1(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- resume and budget
-def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("source", "seed"), [("datamodule", 11), ("loader", None)])
+def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, source: str, seed: int | None) -> None:
+    """Stopped at step 4 (mid-epoch: 6 batches per epoch) and resumed; with seed=None the drawn seed is restored."""
+
     def run(max_steps: int, ckpt: str | None, checkpoint_every: int | None) -> tuple[ToyClassifier, DPSGD, Trainer]:
-        model, dp = ToyClassifier(), DPSGD(max_grad_norm=0.5, noise_multiplier=1.0, seed=11, target_delta=1e-5)
+        model, dp = ToyClassifier(), DPSGD(max_grad_norm=0.5, noise_multiplier=1.0, seed=seed, target_delta=1e-5)
         callbacks: list[Callback] = [dp]
         if checkpoint_every:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1,
                                              every_n_train_steps=checkpoint_every))
         trainer = make_trainer(tmp_path, callbacks, max_steps=max_steps, enable_checkpointing=bool(checkpoint_every))
-        trainer.fit(model, ToyData(n=48, batch_size=8), ckpt_path=ckpt)
+        if source == "datamodule":
+            trainer.fit(model, ToyData(n=48, batch_size=8), ckpt_path=ckpt)
+        else:
+            loader = DataLoader(TensorDataset(*toy_tensors(48)), batch_size=8, shuffle=True)
+            trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt)
         return model, dp, trainer
 
-    full, dp_full, _ = run(10, None, checkpoint_every=4)  # 6 batches per epoch: step 4 is mid-epoch
+    full, dp_full, _ = run(10, None, checkpoint_every=4)
     resumed, dp_res, trainer = run(10, str(tmp_path / "ckpt" / "step=4.ckpt"), checkpoint_every=None)
     assert trainer.global_step == 10 and dp_res.steps == dp_full.steps == 10
     assert dp_res.history == dp_full.history
@@ -213,12 +220,13 @@ def test_budget_stop_before_exceeding_and_spent_run_refuses(tmp_path: Path) -> N
 
 
 # --------------------------------------------------------------------------- features
-def test_virtual_steps_equal_the_unsplit_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_virtual_steps_equal_the_unsplit_step(tmp_path: Path, mode: str) -> None:
     runs = {}
     for max_physical in (None, 3):
-        model = ToyClassifier(lr=0.5).double()
+        model = ToyClassifier(lr=0.5, per_sample=mode == "ghost").double()
         dp = DPSGD(max_grad_norm=0.3, noise_multiplier=0.7, seed=5, max_physical_batch_size=max_physical,
-                   accountant="rdp", target_delta=1e-5)
+                   accountant="rdp", target_delta=1e-5, grad_sample_mode=mode)
         make_trainer(tmp_path, [dp], max_steps=6, precision="64-true").fit(model, ToyData(n=48, batch_size=8))
         runs[max_physical] = (model, dp)
     (whole, dp_whole), (split, dp_split) = runs[None], runs[3]

@@ -26,10 +26,10 @@ SCRIPT = textwrap.dedent(
     from _dp_toy import ToyClassifier, ToyData
     from plpriv.callbacks import DPSGD
 
-    out, devices, physical = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    out, devices, physical, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     dp = DPSGD(max_grad_norm=0.5, noise_multiplier=1.0, seed=4, target_delta=1e-5, accountant="rdp",
-               max_physical_batch_size=None if physical == "none" else int(physical))
-    model = ToyClassifier(lr=0.5, norm="group").double()
+               max_physical_batch_size=None if physical == "none" else int(physical), grad_sample_mode=mode)
+    model = ToyClassifier(lr=0.5, norm="group", per_sample=mode == "ghost").double()
     trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=9,
                       precision="64-true", callbacks=[dp], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
@@ -41,21 +41,25 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(tmp_path: Path, devices: int, physical: str = "none") -> None:
+def _run(tmp_path: Path, devices: int, physical: str, mode: str) -> None:
     script = tmp_path / "ddp_dp_sgd.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices), physical], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices), physical, mode], cwd=tmp_path,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("physical", ["none", pytest.param("2", marks=pytest.mark.slow)])
-def test_ddp_replicas_identical_and_equal_to_single_process(tmp_path: Path, physical: str) -> None:
-    _run(tmp_path, 2, physical)
-    _run(tmp_path, 1, physical)
+@pytest.mark.parametrize(
+    ("physical", "mode"),
+    [("none", "hooks"), pytest.param("2", "hooks", marks=pytest.mark.slow),
+     pytest.param("none", "ghost", marks=pytest.mark.slow)],
+)
+def test_ddp_replicas_identical_and_equal_to_single_process(tmp_path: Path, physical: str, mode: str) -> None:
+    _run(tmp_path, 2, physical, mode)
+    _run(tmp_path, 1, physical, mode)
     r0, r1 = (torch.load(tmp_path / f"rank{r}_of2.pt") for r in (0, 1))
     single = torch.load(tmp_path / "rank0_of1.pt")
     for a, b in zip(r0["params"], r1["params"]):
