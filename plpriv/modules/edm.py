@@ -7,7 +7,7 @@ import copy
 import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,8 +103,8 @@ class EDM(LightningModule):
     unaffected), and used for validation, sampling and prediction.
 
     Denoiser protocol (callbacks find it by duck typing, never by importing this class):
-        ``denoise(x, sigma, class_labels=None, use_ema=True) -> D(x; sigma)`` (fp32, eval mode, no grad unless
-        ``torch.enable_grad()`` is active and ``use_ema=False``); ``ema_denoiser`` / ``denoiser``: the EMA / online
+        ``denoise(x, sigma, class_labels=None, use_ema=True) -> D(x; sigma)`` (fp32, eval mode, differentiable in
+        ``x``); ``ema_denoiser`` / ``denoiser``: the EMA (frozen, always eval) / online
         :class:`~plpriv.nets.EDMPrecond` (``net(x, sigma, class_labels)``); ``sample(num_samples, class_labels=None,
         ...) -> [N, C, H, W]`` in ``[-1, 1]``; ``num_classes`` (0 = unconditional), ``image_shape``, ``sigma_data``.
         ``class_labels`` are integer classes ``[B]`` or one-hot ``[B, num_classes]``.
@@ -288,9 +288,13 @@ class EDM(LightningModule):
             module.train(was_training)
 
     def denoise(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None, use_ema: bool = True) -> Tensor:
-        """``D(x; sigma)`` with the EMA (default) or online network, in eval mode (no dropout)."""
+        """``D(x; sigma)`` with the EMA (default) or online network, in eval mode (no dropout).
+
+        Differentiable in ``x`` (the EMA weights are frozen, so only ``x`` can carry a graph); wrap in
+        ``torch.no_grad()`` when no derivative is needed.
+        """
         net = self.ema if use_ema else self.net
-        with self._eval_mode(net), (torch.no_grad() if use_ema else nullcontext()):
+        with self._eval_mode(net):
             return net(x, sigma, class_labels)
 
     def sampler_settings(self, **overrides: Any) -> dict[str, Any]:
