@@ -150,6 +150,30 @@ def test_validation_logs_sigma_bins_fid_sample_accuracy_and_grid(tmp_path) -> No
     assert not any(k.startswith("fid.") for k in model.state_dict())
 
 
+def test_fid_real_statistics_from_training_split(tmp_path) -> None:
+    feats = ClassifierFeatures(SmallCNN(in_chans=1, num_classes=10))
+    model = EDM(tiny_net(), num_val_samples=0, fid_feature=feats, fid_num_samples=4, fid_real_split="train",
+                sampler_kwargs={"num_steps": 2})
+    dm = digits()
+    trainer(tmp_path, limit_val_batches=1).validate(model, dm)
+    assert int(model.fid.real_features_num_samples) == len(dm.train_dataset)
+
+
+def test_init_checkpoint_loads_base_weights_into_lora_network(tmp_path) -> None:
+    """LoRA starts as the identity (zero-initialised up-projections), so a LoRA network initialised from a base
+    checkpoint denoises exactly like the base network."""
+    base = EDM(tiny_net(0, use_lora=False))
+    torch.save({"state_dict": base.state_dict()}, tmp_path / "base.ckpt")
+    lora = EDM(tiny_net(5, use_lora=True), init_checkpoint=str(tmp_path / "base.ckpt"))
+    x, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(lora.denoise(x, 0.8, labels), base.denoise(x, 0.8, labels))
+    bad = {k: v for k, v in base.state_dict().items() if "map_layer0" not in k}
+    torch.save({"state_dict": bad}, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match="map_layer0"):
+        EDM(tiny_net(5, use_lora=True), init_checkpoint=str(tmp_path / "bad.ckpt"))
+
+
 def test_non_leaking_augment() -> None:
     torch.manual_seed(0)
     x = torch.randn(64, 1, 8, 8)
