@@ -14,9 +14,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -478,6 +479,15 @@ class EDM(LightningModule):
             self.log("val/sample_acc", acc, sync_dist=True)
 
     # ---------------------------------------------------------------------------------------------- predict ----
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "predict" and datamodule is not None and not is_overridden(
+            "predict_dataloader", datamodule, LightningDataModule
+        ):
+            # With a datamodule attached (always, under the CLI) Lightning asks only the datamodule for predict data;
+            # one without predict data gets this module's seed loader.
+            datamodule.predict_dataloader = self.predict_dataloader
+
     def predict_dataloader(self) -> DataLoader:
         """Seeds ``0..predict_num_samples-1`` (used when the datamodule defines no ``predict_dataloader``)."""
         return DataLoader(torch.arange(self.predict_num_samples), batch_size=self.predict_batch_size, shuffle=False)

@@ -129,6 +129,11 @@ def test_predict_writes_npz_and_is_batch_invariant(tmp_path) -> None:
         trainer(tmp_path).predict(model)
         arrays.append(np.load(tmp_path / f"bs{bs}" / "samples.npz"))
         assert len(list((tmp_path / f"bs{bs}").glob("grid_*.png"))) == -(-7 // bs)
+    # With a datamodule that has no predict data (as under the CLI) the seeds still drive prediction.
+    model = EDM(tiny_net(), predict_num_samples=7, predict_batch_size=7, predict_dir=str(tmp_path / "dm"),
+                sampler_kwargs={"num_steps": 3})
+    trainer(tmp_path).predict(model, datamodule=digits())
+    np.testing.assert_array_equal(np.load(tmp_path / "dm" / "samples.npz")["images"], arrays[0]["images"])
     a, b = arrays
     assert a["images"].shape == (7, 8, 8, 1) and a["images"].dtype == np.uint8
     np.testing.assert_array_equal(a["seeds"], np.arange(7))
