@@ -7,7 +7,6 @@ into a denoiser ``D(x; sigma)``; ``EDMLoss`` is the matching denoising score-mat
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -155,10 +154,3 @@ class EDMLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"P_mean={self.P_mean}, P_std={self.P_std}, sigma_data={self.sigma_data}"
 
-
-# ln(sigma) quantiles are handy for binning validation losses by noise level.
-def log_normal_quantiles(P_mean: float, P_std: float, probs: list[float]) -> list[float]:
-    """Noise levels at the given quantiles of EDM's training distribution ``ln sigma ~ N(P_mean, P_std^2)``."""
-    from statistics import NormalDist
-
-    return [math.exp(NormalDist(P_mean, P_std).inv_cdf(p)) for p in probs]
