@@ -64,14 +64,16 @@ class MemorizationMonitor(Callback):
     """Every ``every_n_epochs`` training epochs, score samples by the Hessian spectrum of log p_sigma.
 
     For each of ``num_samples`` points (EDM samples from fixed seeded latents, or fixed training images) the ``k``
-    most negative Hessian eigenvalues at noise level ``sigma`` are found by Lanczos on JVPs
-    (:func:`plpriv.metrics.log_density_hessian_eigs`). The per-sample score is ``mean_topk``: minus the mean of the
-    k most negative normalised eigenvalues sigma^2 * lambda, ~1 on a sharp (memorised) peak and ~0 on a broad region.
-    A sample counts as memorised when its score exceeds ``threshold``.
+    largest and ``k`` most negative Hessian eigenvalues at noise level ``sigma`` come from one Lanczos run on JVPs
+    (:func:`plpriv.metrics.log_density_hessian_eigs`). The per-sample score is the sharpness of the flattest
+    directions: minus the mean of the k largest normalised eigenvalues sigma^2 * lambda, ~1 on an isolated peak
+    (memorised: no direction is flat) and ~0 where directions follow the data manifold. A sample counts as memorised
+    when its score exceeds ``threshold``.
 
     Logs ``memorization/rate`` (fraction memorised) and ``memorization/score_mean`` (and, with ``replication``,
-    ``memorization/replication_{mean,p95,fraction}``), a histogram figure of the normalised eigenvalues
-    (memorised vs not) and appends per-sample scores to ``<log dir>/memorization_scores.csv``. Rank zero only.
+    ``memorization/replication_{mean,p95,fraction}``), a figure with histograms of both ends of the normalised
+    spectrum (memorised vs not) and appends per-sample scores to ``<log dir>/memorization_scores.csv``. Rank zero
+    only.
 
     Denoiser protocol: the LightningModule exposes ``D(x, sigma, class_labels) -> denoised`` as an attribute or a
     no-argument getter named ``denoiser_attr`` (default: the first of ``ema_denoiser``, ``denoiser``; plpriv's EDM
@@ -82,7 +84,7 @@ class MemorizationMonitor(Callback):
         every_n_epochs: run after every n-th training epoch.
         num_samples: points scored each time.
         sigma: noise level of the density p_sigma whose Hessian is taken.
-        k: number of most negative eigenvalues per sample.
+        k: eigenvalues per sample at each end of the spectrum.
         source: ``"generated"`` (EDM sampler) or ``"train"`` (training images).
         threshold: score above which a sample counts as memorised.
         num_iters: Lanczos iterations (default ``min(d, max(2k, k + 20))``).
@@ -104,7 +106,7 @@ class MemorizationMonitor(Callback):
         sigma: float = 0.5,
         k: int = 16,
         source: Literal["generated", "train"] = "generated",
-        threshold: float = 0.5,
+        threshold: float = 0.8,
         num_iters: int | None = None,
         num_steps: int = 18,
         sampler_kwargs: dict[str, Any] | None = None,
@@ -231,16 +233,17 @@ class MemorizationMonitor(Callback):
             xb = x[s : s + self.batch_size]
             lb = None if labels is None else labels[s : s + self.batch_size]
             k = min(self.k, xb[0].numel())
-            eigs.append(log_density_hessian_eigs(denoiser, xb, self.sigma, k=k, class_labels=lb,
-                                                 num_iters=self.num_iters, generator=g).detach())
-        eigs_t = torch.cat(eigs).cpu()
-        scores = hessian_scores(eigs_t, self.sigma, threshold=0.5)
+            small, large = log_density_hessian_eigs(denoiser, xb, self.sigma, k=k, class_labels=lb, largest=True,
+                                                    num_iters=self.num_iters, generator=g)
+            eigs.append((small.cpu(), large.cpu()))
+        smallest, largest = torch.cat([e[0] for e in eigs]), torch.cat([e[1] for e in eigs])
+        score = hessian_scores(largest, self.sigma).sharpness
         out: dict[str, Any] = {
             "samples": x.detach().cpu(),
-            "eigs": eigs_t,
-            "score": scores.mean_topk,
-            "count_below": scores.count_below,
-            "memorized": scores.mean_topk > self.threshold,
+            "smallest": smallest,
+            "largest": largest,
+            "score": score,
+            "memorized": score > self.threshold,
         }
         if self.replication:
             metric = self._replication(trainer, x.device)
@@ -266,7 +269,7 @@ class MemorizationMonitor(Callback):
     def _write_csv(self, trainer: Trainer, epoch: int, results: dict[str, Any]) -> None:
         path = run_dir(trainer) / self.csv_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        fields = ["epoch", "sample", "score", "count_below", "min_eig_normalized", "memorized"]
+        fields = ["epoch", "sample", "score", "max_eig_normalized", "min_eig_normalized", "memorized"]
         has_rep = "replication" in results
         if has_rep:
             fields += ["replication", "replication_index"]
@@ -275,28 +278,29 @@ class MemorizationMonitor(Callback):
             writer = csv.writer(f)
             if new:
                 writer.writerow(fields)
-            lam = results["eigs"] * self.sigma**2
-            for i in range(lam.shape[0]):
-                row = [epoch, i, f"{results['score'][i].item():.6g}", int(results["count_below"][i]),
-                       f"{lam[i].min().item():.6g}", int(results["memorized"][i])]
+            s2 = self.sigma**2
+            for i in range(results["score"].shape[0]):
+                row = [epoch, i, f"{results['score'][i].item():.6g}", f"{results['largest'][i, 0].item() * s2:.6g}",
+                       f"{results['smallest'][i, 0].item() * s2:.6g}", int(results["memorized"][i])]
                 if has_rep:
                     row += [f"{results['replication'][i].item():.6g}", int(results["replication_index"][i])]
                 writer.writerow(row)
 
     def _plot(self, trainer: Trainer, epoch: int, results: dict[str, Any]) -> None:
-        lam = (results["eigs"] * self.sigma**2).numpy()
+        s2 = self.sigma**2
         mem = results["memorized"].numpy()
-        fig = figure(figsize=(5, 3.5))
-        ax = fig.add_subplot(1, 1, 1)
-        lo, hi = min(-1.0, float(lam.min())), max(0.0, float(lam.max()))
-        bins = torch.linspace(lo, hi, 41).numpy()
-        for sel, name, color in ((~mem, "not memorized", "tab:blue"), (mem, "memorized", "tab:red")):
-            if sel.any():
-                ax.hist(lam[sel].ravel(), bins=bins, alpha=0.6, density=True, color=color,
-                        label=f"{name} ({int(sel.sum())})")
-        ax.set_xlabel(r"$\sigma^2\lambda$ (k most negative Hessian eigenvalues)")
-        ax.set_ylabel("density")
-        ax.set_title(f"epoch {epoch}, sigma={self.sigma:g}, k={self.k}")
-        ax.legend()
+        fig = figure(figsize=(9, 3.5))
+        for col, (key, title) in enumerate((("largest", "largest"), ("smallest", "most negative"))):
+            lam = (results[key] * s2).numpy()
+            ax = fig.add_subplot(1, 2, col + 1)
+            bins = torch.linspace(min(-1.0, float(lam.min())), max(0.0, float(lam.max())), 41).numpy()
+            for sel, name, color in ((~mem, "not memorized", "tab:blue"), (mem, "memorized", "tab:red")):
+                if sel.any():
+                    ax.hist(lam[sel].ravel(), bins=bins, alpha=0.6, density=True, color=color,
+                            label=f"{name} ({int(sel.sum())})")
+            ax.set_xlabel(rf"$\sigma^2\lambda$, {self.k} {title} Hessian eigenvalues")
+            ax.set_ylabel("density")
+            ax.legend()
+        fig.suptitle(f"epoch {epoch}, sigma={self.sigma:g}")
         fig.tight_layout()
         save_and_log_figure(trainer, fig, f"memorization/eigenvalues_epoch{epoch:04d}")

@@ -193,28 +193,29 @@ def log_density_hessian_eigs(
 class HessianScores(NamedTuple):
     """Per-sample detection scores from normalised eigenvalues sigma^2 * lambda (in [-1, inf) for exact denoisers)."""
 
+    sharpness: Tensor
+    """-mean of the given normalised eigenvalues. Given the k *largest* (flattest) ones: ~1 when no direction is flat
+    (a sharp, isolated peak: memorised), ~0 when some directions follow the data manifold (generalising)."""
     count_below: Tensor
-    """Number of eigenvalues with sigma^2 * lambda < -threshold (directions where the denoiser is locally flat)."""
-    mean_topk: Tensor
-    """-mean of the k most negative sigma^2 * lambda: ~1 on a memorised peak, ~0 on a broad region."""
+    """How many of the given normalised eigenvalues are < -threshold (sharp directions)."""
 
 
-def hessian_scores(eigs: Tensor, sigma: float | Tensor, threshold: float = 0.5, k: int | None = None) -> HessianScores:
+def hessian_scores(eigs: Tensor, sigma: float | Tensor, threshold: float = 0.5) -> HessianScores:
     """Summary scores for detection from eigenvalues (B, n) of :func:`log_density_hessian_eigs`.
 
-    ``threshold`` is on the normalised scale (0.5: the denoiser halves perturbations in that direction);
-    ``k`` defaults to all n given eigenvalues. Higher scores = sharper = more likely memorised.
+    Which eigenvalues to pass: off the data manifold even a generalising sample has eigenvalues near -1/sigma^2 (the
+    denoiser removes noise there), so the k most negative ones separate memorised samples only weakly; the k largest
+    do: a memorised sample has no flat direction at all (Jeon et al.: negative "in (nearly) all directions").
+    ``threshold`` is on the normalised scale (0.5: the denoiser halves perturbations in that direction).
+    Higher scores = sharper = more likely memorised.
     """
     if eigs.ndim != 2:
         raise ValueError(f"eigs must have shape (B, n), got {tuple(eigs.shape)}")
     if not 0 < threshold:
         raise ValueError(f"threshold must be positive (normalised eigenvalues are >= -1), got {threshold}")
-    k = eigs.shape[1] if k is None else k
-    if not 1 <= k <= eigs.shape[1]:
-        raise ValueError(f"k must be in [1, {eigs.shape[1]}], got {k}")
     sig = torch.as_tensor(sigma, dtype=eigs.dtype, device=eigs.device).reshape(-1, 1)
-    lam = torch.sort(eigs * sig**2, dim=-1).values
-    return HessianScores(count_below=(lam < -threshold).sum(-1), mean_topk=-lam[:, :k].mean(-1))
+    lam = eigs * sig**2
+    return HessianScores(sharpness=-lam.mean(-1), count_below=(lam < -threshold).sum(-1))
 
 
 def conditional_hessian_score(

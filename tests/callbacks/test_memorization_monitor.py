@@ -103,12 +103,15 @@ def test_generalising_gaussian_scores_match_closed_form(tmp_path: Path) -> None:
     monitor = MemorizationMonitor(num_samples=3, sigma=sigma, k=k, source="train", threshold=0.5, num_iters=16,
                                   denoiser_attr="ema")
     _fit(tmp_path, Module(GaussianDenoiser(v), attr="ema"), monitor, epochs=1, enable_checkpointing=False)
-    expected = (sigma**2 / (v[:k] + sigma**2)).mean().item()  # -mean of the k most negative s^2 * lambda
+    # Normalised eigenvalues -s^2/(v + s^2); the k largest (flattest) belong to the k largest variances.
+    expected = (sigma**2 / (v[-k:] + sigma**2)).mean().item()
     rows = _rows(tmp_path)
     assert len(rows) == 3
     for r in rows:
         assert float(r["score"]) == pytest.approx(expected, rel=1e-4)
-        assert r["memorized"] == "0" and r["count_below"] == "0"
+        assert float(r["max_eig_normalized"]) == pytest.approx(-sigma**2 / (4.0 + sigma**2), rel=1e-4)
+        assert float(r["min_eig_normalized"]) == pytest.approx(-sigma**2 / (0.5 + sigma**2), rel=1e-4)
+        assert r["memorized"] == "0"
     assert monitor.history[0]["rate"] == 0.0
 
 

@@ -70,6 +70,20 @@ def test_gaussian_exact_spectrum_full_and_lanczos() -> None:
     torch.testing.assert_close(large, expected.flip(-1)[:, :3], rtol=1e-8, atol=1e-8)
 
 
+def test_scores_on_gaussian_closed_form() -> None:
+    # Normalised eigenvalues of N(mu, diag(v)) at level s: -s^2/(v + s^2); the largest belong to the largest v.
+    v = torch.tensor([0.01, 0.1, 1.0, 4.0, 9.0, 16.0], dtype=torch.float64)
+    den = GaussianDenoiser(torch.zeros(6, dtype=torch.float64), v)
+    sigma = 0.5
+    _, large = log_density_hessian_eigs(den, torch.randn(2, 6, dtype=torch.float64), sigma, k=3, largest=True)
+    scores = hessian_scores(large, sigma, threshold=0.5)
+    lam = sigma**2 / (v[-3:] + sigma**2)
+    torch.testing.assert_close(scores.sharpness, lam.mean().expand(2))
+    assert scores.count_below.tolist() == [0, 0]
+    small = log_density_hessian_eigs(den, torch.randn(2, 6, dtype=torch.float64), sigma, k=3)
+    assert hessian_scores(small, sigma, threshold=0.5).count_below.tolist() == [2, 2]  # v = 0.01, 0.1 < s^2
+
+
 def test_single_memorised_point_is_minus_identity_over_sigma_squared() -> None:
     # D = x0 for every x: Hessian -I/s^2. Lanczos breaks down after one step (invariant subspace) and must restart.
     d, sigma = 12, 0.7
@@ -80,9 +94,10 @@ def test_single_memorised_point_is_minus_identity_over_sigma_squared() -> None:
         eigs = log_density_hessian_eigs(den, x, sigma, method=method)
         assert eigs.shape == (4, d)
         torch.testing.assert_close(eigs, torch.full((4, d), -1 / sigma**2), rtol=1e-5, atol=1e-5)
-    scores = hessian_scores(log_density_hessian_eigs(den, x, sigma, k=5), sigma, threshold=0.5)
-    assert scores.count_below.tolist() == [5] * 4
-    torch.testing.assert_close(scores.mean_topk, torch.ones(4))
+    _, large = log_density_hessian_eigs(den, x, sigma, k=5, largest=True)
+    scores = hessian_scores(large, sigma, threshold=0.5)
+    assert scores.count_below.tolist() == [5] * 4  # even the flattest directions are sharp
+    torch.testing.assert_close(scores.sharpness, torch.ones(4))
 
 
 def test_lanczos_matches_full_and_explicit_jacobian_d64() -> None:
