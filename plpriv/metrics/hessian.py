@@ -19,13 +19,14 @@ batched Jacobian-vector product gives every sample's own product.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
+    "EpsilonDenoiser",
     "HessianScores",
     "conditional_hessian_score",
     "hessian_scores",
@@ -33,6 +34,37 @@ __all__ = [
 ]
 
 Denoiser = Callable[..., Tensor]
+
+
+class EpsilonDenoiser:
+    """Denoiser ``D(x, sigma, cond)`` from a variance-preserving epsilon-prediction model (DDPM; e.g. a diffusers
+    ``UNet2DModel``), so that its Hessian spectra can be taken like an EDM model's.
+
+    VP forward process x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (a_t: ``alphas_cumprod``) is EDM's x = x0 + sigma eps
+    scaled by sqrt(a_t), with sigma_t = sqrt((1 - a_t) / a_t) (Karras et al. 2022, Table 1, VP column), hence
+    D(x; sigma) = x - sigma * eps(sqrt(a_t) x, t). ``t`` is the discrete step whose sigma_t is nearest to the
+    requested one (in log); ask for sigma_t values to be exact (``sigma_at(t)``).
+
+    Args:
+        eps_model: ``eps_model(x_t, t, cond) -> eps``, e.g. ``lambda x, t, c: unet(x, t, class_labels=c).sample``.
+        alphas_cumprod: (T,), e.g. ``DDPMScheduler(...).alphas_cumprod``.
+    """
+
+    def __init__(self, eps_model: Callable[[Tensor, Tensor, Any], Tensor], alphas_cumprod: Tensor) -> None:
+        self.eps_model = eps_model
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    def sigma_at(self, t: int) -> float:
+        return float(self.sigmas[t])
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, cond: Any = None) -> Tensor:
+        sig = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0]).cpu()
+        t = (self.sigmas.log()[None] - sig.log()[:, None]).abs().argmin(1)
+        view = (-1,) + (1,) * (x.ndim - 1)
+        scale = self.alphas_cumprod[t].sqrt().to(x).reshape(view)
+        eps = self.eps_model(x * scale, t.to(x.device), cond)
+        return x - self.sigmas[t].to(x).reshape(view) * eps.to(x.dtype)
 
 
 def _sigma_vector(sigma: float | Tensor, batch: int, x: Tensor) -> Tensor:

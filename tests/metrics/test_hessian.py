@@ -5,7 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plpriv.metrics.hessian import conditional_hessian_score, hessian_scores, log_density_hessian_eigs
+from plpriv.metrics.hessian import (
+    EpsilonDenoiser,
+    conditional_hessian_score,
+    hessian_scores,
+    log_density_hessian_eigs,
+)
 
 
 def _col(sigma: Tensor, x: Tensor) -> Tensor:
@@ -192,3 +197,32 @@ def test_conditional_detector_closed_form_gaussian_pair() -> None:
     torch.testing.assert_close(got, (h_diff * s_delta).norm(dim=-1), rtol=1e-9, atol=0)
     # Default uncond labels: zeros.
     torch.testing.assert_close(conditional_hessian_score(den, x, sigma, labels), got)
+
+
+def test_epsilon_denoiser_on_gaussian_eps_model_closed_form() -> None:
+    # Optimal VP epsilon-predictor for x0 ~ N(0, diag(v)): eps(x_t) = sqrt(1 - a) x_t / (a v + 1 - a).
+    from diffusers import DDPMScheduler
+
+    alphas = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
+    v = torch.linspace(0.2, 3.0, 8, dtype=torch.float64)
+    eps_model = lambda xt, t, c: (1 - alphas[t].double()[:, None]).sqrt() * xt / (  # noqa: E731
+        alphas[t].double()[:, None] * v + 1 - alphas[t].double()[:, None])
+    den = EpsilonDenoiser(eps_model, alphas)
+    sigma = den.sigma_at(300)
+    eigs = log_density_hessian_eigs(den, torch.randn(2, 8, dtype=torch.float64), sigma)
+    torch.testing.assert_close(eigs, (-1 / (v + sigma**2)).sort().values.expand(2, 8), rtol=1e-6, atol=1e-8)
+
+
+def test_diffusers_unet_with_attention_lanczos_matches_full() -> None:
+    # Forward-mode AD through diffusers' attention (F.scaled_dot_product_attention) needs the math kernel.
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=4, in_channels=1, out_channels=1, block_out_channels=(8, 8), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=4).eval()
+    den = EpsilonDenoiser(lambda x, t, c: unet(x, t).sample, DDPMScheduler(num_train_timesteps=1000).alphas_cumprod)
+    x, sigma = torch.randn(2, 1, 4, 4), den.sigma_at(500)
+    full = log_density_hessian_eigs(den, x, sigma, method="full")
+    lan = log_density_hessian_eigs(den, x, sigma, method="lanczos", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lan, full, rtol=0, atol=1e-4 * float(full.abs().max()))
