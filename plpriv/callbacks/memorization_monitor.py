@@ -263,6 +263,7 @@ class MemorizationMonitor(Callback):
             self._replication_metric = ReplicationScore(
                 loader, feature=self.replication_feature, threshold=self.replication_threshold,
                 center=self.replication_center,
+                sync_on_compute=False,  # only rank zero computes: a cross-rank sync here would wait forever
             ).to(device)
         return self._replication_metric
 
