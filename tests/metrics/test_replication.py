@@ -124,3 +124,18 @@ def test_argument_errors() -> None:
         ReplicationScore(x, threshold=2.0)
     with pytest.raises(TypeError, match="reference batches"):
         ReplicationScore([{"image": x}]).update(x)
+
+
+def test_tens_of_thousands_of_references_in_blocks() -> None:
+    # 30k references, 512-wide blocks: memory O(512^2); result equals one dense similarity matrix.
+    g = torch.Generator().manual_seed(4)
+    train = torch.randn(30_000, 12, generator=g)
+    gen = torch.randn(40, 12, generator=g)
+    gen[7] = train[29_999]
+    metric = ReplicationScore(train, batch_size=512, background_queries=64)
+    metric.update(gen)
+    sims, idx = metric.per_sample()
+    dense = F.normalize(gen, dim=1) @ F.normalize(train, dim=1).T
+    torch.testing.assert_close(sims, dense.max(1).values)
+    assert idx.tolist() == dense.argmax(1).tolist() and idx[7].item() == 29_999
+    assert metric.compute()["background_mean"].isfinite()
