@@ -23,8 +23,9 @@ RSS of the process, which includes ~0.5 GB of Python/torch).
 ``--accuracy`` also trains recipes/classifier/digits_dp.yaml at epsilon 1, 3, 8 (delta 1e-5) and without DP and
 reports validation and test accuracy.
 
-    python benchmarks/dp_overhead.py                          # timing table (CPU: ~10 min)
-    python benchmarks/dp_overhead.py --device cuda --steps 100
+    python benchmarks/dp_overhead.py --accuracy               # timing and accuracy tables (CPU: ~40 min)
+    python benchmarks/dp_overhead.py                          # timing table only (CPU: ~20 min)
+    python benchmarks/dp_overhead.py --device cuda --steps 100 --edm-steps 50
     python benchmarks/dp_overhead.py --accuracy --skip-timing # accuracy table only
 """
 
@@ -63,9 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64, help="logical (expected) batch size")
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--edm-steps", type=int, default=5, help="timed steps for the EDM network (slow on CPU)")
+    p.add_argument("--edm-warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
     p.add_argument("--accuracy", action="store_true", help="also train the DP digits recipe at epsilon 1, 3, 8")
     p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--lrs", type=float, nargs=4, default=[0.3, 0.1, 0.3, 0.3],
+                   metavar=("NONDP", "EPS1", "EPS3", "EPS8"), help="SGD learning rates for the accuracy runs")
     p.add_argument("--one", nargs=3, metavar=("NET", "RUNNER", "MODE"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -208,20 +213,23 @@ def one(args: argparse.Namespace) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print("RESULT " + json.dumps({"net": net, "runner": runner, "mode": mode, "median_ms": 1e3 * statistics.median(times),
-                                  "mean_ms": 1e3 * statistics.fmean(times), "steps": len(times), "peak_mb": peak}))
+    result = {"net": net, "runner": runner, "mode": mode, "median_ms": 1e3 * statistics.median(times),
+              "mean_ms": 1e3 * statistics.fmean(times), "steps": len(times), "peak_mb": peak}
+    print("RESULT " + json.dumps(result))
 
 
 # --------------------------------------------------------------------------- driver
 def timing(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     results = []
-    base = [sys.executable, __file__, "--device", args.device, "--batch", str(args.batch), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--threads", str(args.threads), "--out", str(out)]
+    base = [sys.executable, __file__, "--device", args.device, "--batch", str(args.batch), "--threads", str(args.threads),
+            "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     for net in args.nets:
+        steps, warmup = (args.edm_steps, args.edm_warmup) if net == "edm" else (args.steps, args.warmup)
         for runner in ("plain", "lightning"):
             for mode in ("none", *args.modes):
-                proc = subprocess.run([*base, "--one", net, runner, mode], env=env, text=True,
+                cmd = [*base, "--steps", str(steps), "--warmup", str(warmup), "--one", net, runner, mode]
+                proc = subprocess.run(cmd, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                 line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
                 if line is None:
@@ -236,11 +244,12 @@ def timing(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
 def timing_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     by = {(r["net"], r["runner"], r["mode"]): r for r in results}
     mem = "peak alloc MB" if args.device.startswith("cuda") else "peak RSS MB"
-    rows = [f"device {args.device}, logical batch {args.batch}, median of {args.steps} steps, sigma={SIGMA}, C={CLIP}",
+    rows = [f"device {args.device}, logical batch {args.batch}, median of {args.steps} steps (EDM: {args.edm_steps}), "
+            f"sigma={SIGMA}, C={CLIP}",
             "",
-            f"| net | grad_sample_mode | plain ms | plain+opacus ms | Lightning ms | Lightning+DPSGD ms | DP/non-DP plain "
-            f"| DP/non-DP Lightning | DPSGD / plain opacus | DPSGD overhead net of Lightning | {mem} plain+opacus "
-            f"| {mem} Lightning+DPSGD |",
+            "| net | grad_sample_mode | plain ms | plain+opacus ms | Lightning ms | Lightning+DPSGD ms "
+            "| DP/non-DP plain | DP/non-DP Lightning | DPSGD / plain opacus | DPSGD overhead net of Lightning "
+            f"| {mem} plain+opacus | {mem} Lightning+DPSGD |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for net in args.nets:
         p0, l0 = by[(net, "plain", "none")], by[(net, "lightning", "none")]
@@ -256,35 +265,40 @@ def timing_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str
     return "\n".join(rows)
 
 
-def accuracy(out: Path) -> str:
-    """Train recipes/classifier/digits_dp.yaml at epsilon 1, 3, 8 and without DP (DPSGD removed)."""
+def accuracy(out: Path, lrs: dict[str, float]) -> str:
+    """Train recipes/classifier/digits_dp.yaml at epsilon 1, 3, 8 and without DP (DPSGD removed); the SGD learning
+    rate per epsilon is ``lrs`` (the best of {0.1, 0.3, 1.0} by validation accuracy in a sweep)."""
     from lightning.pytorch import seed_everything
 
     from plpriv.callbacks import DPSGD
     from plpriv.cli import PlprivCLI
 
-    rows = ["| run | epsilon (delta=1e-5) | noise multiplier | val acc | test acc | train time s |", "|---|---|---|---|---|---|"]
-    for eps in (None, 1.0, 3.0, 8.0):
-        name = "non-private" if eps is None else f"eps{eps:g}"
-        cli = PlprivCLI(args=["-c", str(DP_RECIPE), f"--trainer.default_root_dir={out / name}",
-                              f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name={name}"],
-                        run=False)
+    rows = ["| run | lr | epsilon spent (delta=1e-5) | noise multiplier | steps | val acc (best ckpt) | test acc "
+            "| time s |", "|---|---|---|---|---|---|---|---|"]
+    for name in ("non-private", "1", "3", "8"):
+        lr = lrs[name]
+        cli_args = ["-c", str(DP_RECIPE), f"--trainer.default_root_dir={out / name}",
+                    f"--model.optimizer.init_args.lr={lr}",
+                    f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name=eps_{name}",
+                    "--trainer.enable_progress_bar=false"]
+        if name != "non-private":
+            cli_args.append(f"--trainer.callbacks.init_args.target_epsilon={float(name)}")
+        cli = PlprivCLI(args=cli_args, run=False)
         seed_everything(0)
         trainer, model, dm = cli.trainer, cli.model, cli.datamodule
         dp = next(c for c in trainer.callbacks if isinstance(c, DPSGD))
-        if eps is None:
+        if name == "non-private":
             trainer.callbacks.remove(dp)
-        else:
-            dp.target_epsilon = eps
         t0 = time.time()
         trainer.fit(model, dm)
         elapsed = time.time() - t0
         best = trainer.checkpoint_callback.best_model_path or None
         val = trainer.validate(model, dm, ckpt_path=best, verbose=False)[0]["val/acc"]
         test = trainer.test(model, dm, ckpt_path=best, verbose=False)[0]["test/acc"]
-        spent = "-" if eps is None else f"{dp.get_epsilon():.3f}"
-        sigma = "-" if eps is None else f"{dp.effective_noise_multiplier:.3f}"
-        rows.append(f"| {name} | {spent} | {sigma} | {val:.4f} | {test:.4f} | {elapsed:.0f} |")
+        spent = "-" if name == "non-private" else f"{dp.get_epsilon():.3f}"
+        sigma = "-" if name == "non-private" else f"{dp.effective_noise_multiplier:.3f}"
+        rows.append(f"| {name} | {lr:g} | {spent} | {sigma} | {trainer.global_step} | {val:.4f} | {test:.4f} "
+                    f"| {elapsed:.0f} |")
         print(rows[-1], flush=True)
     return "\n".join(rows)
 
@@ -302,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         (out / "timing.json").write_text(json.dumps(results, indent=1))
         report.append(timing_table(results, args))
     if args.accuracy:
-        report.append(accuracy(out))
+        report.append(accuracy(out, dict(zip(("non-private", "1", "3", "8"), args.lrs))))
     text = "\n\n".join(report)
     (out / "report.md").write_text(text + "\n")
     print(text)

@@ -102,4 +102,7 @@ class ToyGAN(LightningModule):
         self.untoggle_optimizer(opt_g)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [torch.optim.SGD(self.generator.parameters(), lr=0.1), torch.optim.SGD(self.discriminator.parameters(), lr=0.1)]
+        return [
+            torch.optim.SGD(self.generator.parameters(), lr=0.1),
+            torch.optim.SGD(self.discriminator.parameters(), lr=0.1),
+        ]

@@ -242,7 +242,9 @@ class DPSGD(Callback):
             or not isinstance(max_physical_batch_size, int)
             or max_physical_batch_size < 1
         ):
-            raise ValueError(f"`max_physical_batch_size` must be a positive int or None, got {max_physical_batch_size!r}.")
+            raise ValueError(
+                f"`max_physical_batch_size` must be a positive int or None, got {max_physical_batch_size!r}."
+            )
         self.max_physical_batch_size = max_physical_batch_size
         self.fix_modules = bool(fix_modules)
         self.stop_on_budget = bool(stop_on_budget)
@@ -490,7 +492,10 @@ class DPSGD(Callback):
                 f"`private_optimizers={index}` but `configure_optimizers` returned {len(optimizers)} optimizer(s)."
             )
         if isinstance(optimizers[index], DPOptimizer):
-            raise ValueError("The private optimizer is already an opacus DPOptimizer: do not combine DPSGD with opacus' PrivacyEngine.")
+            raise ValueError(
+                "The private optimizer is already an opacus DPOptimizer: do not combine DPSGD with opacus'"
+                " PrivacyEngine."
+            )
         self._private_index = index
         private = {id(p) for group in optimizers[index].param_groups for p in group["params"] if p.requires_grad}
         roots = self._private_roots(pl_module, private)
@@ -624,7 +629,8 @@ class DPSGD(Callback):
             optimizer=original,
             noise_multiplier=sigma,
             max_grad_norm=self.max_grad_norm,
-            expected_batch_size=batch_rate * num_samples / world_size,  # per rank and batch; the all-reduce averages ranks
+            # per rank and Lightning batch (q N / world size); the all-reduce then averages the ranks
+            expected_batch_size=batch_rate * num_samples / world_size,
             loss_reduction="mean",
             generator=self._generator,
             secure_mode=self.secure_mode,
@@ -644,8 +650,9 @@ class DPSGD(Callback):
             self._wrap_training_step(trainer, pl_module)
         rank_zero_info(
             f"DPSGD: sigma={sigma:.4g}, C={self.max_grad_norm:g}, q={sample_rate:.4g} (expected batch"
-            f" {sample_rate * num_samples:.1f} of N={num_samples}), delta={self.delta:.3g}, accountant={self.accountant},"
-            f" {'Poisson' if self.poisson_sampling else 'fixed-size'} batches, grad_sample_mode={self.grad_sample_mode}."
+            f" {sample_rate * num_samples:.1f} of N={num_samples}), delta={self.delta:.3g},"
+            f" accountant={self.accountant}, {'Poisson' if self.poisson_sampling else 'fixed-size'} batches,"
+            f" grad_sample_mode={self.grad_sample_mode}."
         )
 
     @staticmethod
@@ -676,7 +683,8 @@ class DPSGD(Callback):
         sigma = 0.0
         if trainer.is_global_zero:
             sigma = calibrate_noise_multiplier(
-                self.target_epsilon, self.delta, self.sample_rate, int(planned), self.accountant  # type: ignore[arg-type]
+                self.target_epsilon, self.delta, self.sample_rate, int(planned),  # type: ignore[arg-type]
+                self.accountant,
             )
         sigma = float(trainer.strategy.broadcast(sigma, src=0))
         rank_zero_info(
@@ -691,6 +699,8 @@ class DPSGD(Callback):
             return
         taken = self.steps
         horizon = None if not math.isfinite(planned) else max(int(planned) - trainer.global_step, 0)
+        if horizon == 0:  # nothing left to train
+            return
         extra = 0
         if trainer.is_global_zero:
             extra = max_steps_within_budget(
@@ -889,7 +899,8 @@ class DPSGD(Callback):
         """Submit epsilon after ``ahead`` more steps at the current (sigma, q) to the background thread."""
         if self._eps_pool is None or ahead <= 0 or self.delta is None:
             return
-        history = extend_history(self.history, self.effective_noise_multiplier, self.sample_rate, ahead)  # type: ignore[arg-type]
+        sigma, rate = float(self.effective_noise_multiplier), float(self.sample_rate)  # type: ignore[arg-type]
+        history = extend_history(self.history, sigma, rate, ahead)
         key = (tuple(history), float(self.delta))
         if key in self._eps_cache or key in self._eps_pending:
             return

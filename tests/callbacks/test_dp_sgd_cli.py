@@ -6,7 +6,11 @@ import csv
 import math
 from pathlib import Path
 
+import pytest
 from _helpers import ROOT, run_plpriv
+
+from plpriv.callbacks import DPSGD
+from plpriv.cli import PlprivCLI
 
 USER_CONFIG = """
 seed_everything: 0
@@ -35,7 +39,7 @@ def test_user_module_trains_privately_from_yaml(tmp_path: Path) -> None:
     config.write_text(USER_CONFIG.format(root=tmp_path))
     fragment = ROOT / "callbacks" / "dp_sgd.yaml"
     proc = run_plpriv(
-        ["fit", "-c", str(config), "-c", str(fragment), "--trainer.callbacks+.init_args.target_epsilon", "5"],
+        ["fit", "-c", str(config), "-c", str(fragment), "--trainer.callbacks.init_args.target_epsilon", "5"],
         cwd=tmp_path,
         env={"PYTHONPATH": str(ROOT / "tests")},
     )
@@ -49,3 +53,21 @@ def test_user_module_trains_privately_from_yaml(tmp_path: Path) -> None:
     assert deltas and all(math.isclose(d, 48**-1.1, rel_tol=1e-6) for d in deltas)  # target_delta: null -> 1/N^1.1
     assert all(math.isclose(float(r["dp/sample_rate"]), 1 / 6, rel_tol=1e-6) for r in rows if r.get("dp/sample_rate"))
     assert (tmp_path / "user" / "dp_epsilon.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    ["recipes/classifier/digits_dp.yaml", pytest.param("recipes/edm/digits_lora_dp.yaml", marks=pytest.mark.slow)],
+)
+def test_dp_recipes_train_and_account(tmp_path: Path, recipe: str) -> None:
+    cli = PlprivCLI(
+        args=["-c", str(ROOT / recipe), "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+              "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"],
+        run=False,
+    )
+    (dp,) = [c for c in cli.trainer.callbacks if isinstance(c, DPSGD)]
+    assert dp.target_delta == 1e-5 and dp.target_epsilon is not None
+    cli.trainer.fit(cli.model, cli.datamodule)
+    # max_steps=2 is the whole plan here: the noise was calibrated so that these 2 steps spend the budget
+    assert dp.steps == 2 and dp.target_epsilon - 0.05 <= dp.get_epsilon() <= dp.target_epsilon
