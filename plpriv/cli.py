@@ -26,6 +26,11 @@ class PlprivCLI(LightningCLI):
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``plpriv`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "audit":  # `plpriv audit -c recipes/audit/...`: the DP-SGD audit runner, not a LightningCLI
+        from plpriv.runners.audit import main as audit_main
+
+        audit_main(argv[1:])
+        return
     PlprivCLI(args=argv)
 
 

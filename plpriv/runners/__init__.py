@@ -1,0 +1,5 @@
+"""Orchestration that trains many models (like the CLI, may import modules / callbacks / data)."""
+
+from plpriv.runners.audit import AuditConfig, CraftingConfig, build_parser, main, run_audit
+
+__all__ = ["AuditConfig", "CraftingConfig", "build_parser", "main", "run_audit"]
