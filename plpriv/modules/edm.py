@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -184,7 +185,15 @@ class EDM(LightningModule):
         bad = set(sampler_kwargs or {}) - _SAMPLER_KEYS
         if bad:
             raise ValueError(f"unknown `sampler_kwargs` {sorted(bad)}; allowed: {sorted(_SAMPLER_KEYS)}")
-        self.save_hyperparameters(ignore=["net", "optimizer", "fid_feature"])
+        with warnings.catch_warnings():  # modules passed from Python are dropped below
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        # Under the CLI the hyperparameters are the config (net/optimizer as class_path dicts), which lets
+        # `EDM.load_from_checkpoint` rebuild the model; objects passed from Python are not stored (no pickled modules).
+        for key in ("net", "optimizer", "fid_feature"):
+            if not isinstance(self.hparams.get(key), (dict, str, type(None))):
+                self._hparams.pop(key, None)
+                self._hparams_initial.pop(key, None)
 
         if fid_real_split not in ("val", "train"):
             raise ValueError(f"`fid_real_split` must be 'val' or 'train', got {fid_real_split!r}")

@@ -216,7 +216,13 @@ def test_ddp_smoke_fit(tmp_path) -> None:
         cwd=tmp_path, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
-    ckpt = torch.load(tmp_path / "edm_digits_lora" / "checkpoints" / "last.ckpt", weights_only=False)
+    path = tmp_path / "edm_digits_lora" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=False)
     assert ckpt["global_step"] == 2
+    # The CLI stores the network config in the hyperparameters: the checkpoint alone rebuilds the model.
+    restored = EDM.load_from_checkpoint(path, map_location="cpu")
+    assert restored.net.model.lora_type == "compositional" and restored.image_shape == (1, 16, 16)
+    for key, value in ckpt["state_dict"].items():
+        assert torch.equal(restored.state_dict()[key], value), key
     assert int(ckpt["state_dict"]["images_seen"]) == 2 * 2 * 64  # two ranks of batch 64 per step
     assert (tmp_path / "edm_digits_lora" / "val_samples.png").exists()
