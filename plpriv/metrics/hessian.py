@@ -153,13 +153,15 @@ def log_density_hessian_eigs(
             e.g. plpriv's EDM denoiser with EMA weights or a wrapped diffusers U-Net. Put it in eval mode.
         x: points (B, ...) at which to evaluate the spectrum.
         sigma: noise level, scalar or (B,).
-        k: how many of the most negative eigenvalues to return; ``None`` returns all d = x[0].numel().
+        k: how many eigenvalues to return at each end (the most negative; the largest with ``largest=True``);
+            ``None`` returns all d = x[0].numel().
         method: ``"full"`` builds each sample's Jacobian with d batched JVPs and calls ``eigvalsh`` (exact, for small
             d and verification); ``"lanczos"`` uses only Jacobian-vector products.
         class_labels: passed through to the denoiser.
         largest: also return the k largest eigenvalues (descending); Lanczos gets both ends from one Krylov space.
         num_iters: Lanczos iterations m (default ``min(d, max(2k, k + 20))``; m = d is exact up to round-off).
-            Extreme eigenvalues converge first; interior ones need larger m.
+            Extreme eigenvalues converge first; with m < d the inner ones of the k returned are Ritz values that
+            interlace the true spectrum (pulled towards its middle), which is fine for scores, not for exact values.
         symmetrize: a learned denoiser's Jacobian is not exactly symmetric (the true Hessian is). ``True`` (default)
             uses the symmetric part (J + J^T)/2, whose eigenvalues are real and whose quadratic form is the
             curvature v^T J v of the learned score: one JVP and one VJP (reused reverse graph) per iteration.
@@ -210,7 +212,6 @@ def log_density_hessian_eigs(
                     jtv = vjp_fn(v.reshape(x.shape).to(x.dtype))[0].reshape(batch, dim)
                     return 0.5 * (jvp(v) + jtv.to(x.dtype))
             else:
-
                 matvec = jvp
 
             mu = _lanczos_ritz_values(matvec, batch, dim, m, x, generator)
