@@ -214,7 +214,9 @@ class MemorizationMonitor(Callback):
             if label_dim and isinstance(items[0], (tuple, list)) and len(items[0]) > 1:
                 labels = F.one_hot(torch.as_tensor([int(it[1]) for it in items]), label_dim).float().to(device)
             return x, labels
-        shape = self.img_shape or getattr(pl_module, "image_shape", None) or tuple(_image_of(_train_dataset(trainer)[0]).shape)
+        shape = self.img_shape or getattr(pl_module, "image_shape", None)
+        if shape is None:
+            shape = tuple(_image_of(_train_dataset(trainer)[0]).shape)
         latents = torch.randn((self.num_samples, *shape), generator=g).to(device)
         labels = None
         if label_dim:
