@@ -31,7 +31,8 @@ def main(args: Sequence[str] | None = None) -> None:
 
         audit_main(argv[1:])
         return
-    PlprivCLI(args=argv)
+    # args=None lets LightningCLI read sys.argv itself (passing both makes it warn on every run).
+    PlprivCLI(args=None if args is None else argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
