@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def build(args: argparse.Namespace, dup: list[int], out: Path) -> PlprivCLI:
             f"        replication_threshold: {args.replica_threshold}\n"
         )
         cli_args += ["-c", str(fragment)]
+    sys.argv = sys.argv[:1]  # the benchmark's own flags are parsed already; LightningCLI gets `cli_args` only
     return PlprivCLI(args=cli_args, run=False)
 
 
