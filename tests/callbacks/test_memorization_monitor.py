@@ -135,6 +135,12 @@ def test_getter_protocol_every_n_epochs_and_resume(tmp_path: Path) -> None:
         GetterModule(PointsDenoiser(_points()), "net"), loader, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert [h["epoch"] for h in resumed.history] == [1.0, 3.0]  # epoch 1 restored from the checkpoint
     assert resumed.history[0] == first.history[0]
+    # Fixed seeds: the resumed history equals an uninterrupted run's.
+    straight = monitor()
+    common["logger"] = CSVLogger(tmp_path / "straight", name="", version=0)
+    pl.Trainer(max_epochs=4, callbacks=[straight], enable_checkpointing=False, **common).fit(
+        GetterModule(PointsDenoiser(_points()), "net"), loader)
+    assert resumed.history == straight.history
 
 
 def test_non_zero_rank_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
