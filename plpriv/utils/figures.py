@@ -37,13 +37,17 @@ def _log_image(trainer: pl.Trainer | None, name: str, image: np.ndarray, step: i
 def save_and_log_figure(
     trainer: pl.Trainer | None, fig: Figure, name: str, step: int | None = None, directory: str | os.PathLike | None = None
 ) -> Path | None:
-    """Save a matplotlib figure as ``<run dir>/<name>.png`` and log it; rank zero only. Closes the figure."""
+    """Save a matplotlib figure as ``<run dir>/<name>.png`` and log it; writes on rank zero only. Closes the figure.
+
+    Call it on every rank: under DDP ``trainer.log_dir`` is a collective (a broadcast), resolved here before the
+    rank check, so a rank-zero-only call without ``directory`` would hang.
+    """
     import matplotlib.pyplot as plt
 
     try:
+        path = Path(directory) if directory is not None else run_dir(trainer)
         if trainer is not None and not trainer.is_global_zero:
             return None
-        path = Path(directory) if directory is not None else run_dir(trainer)
         path = path / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.canvas.draw()
@@ -64,18 +68,22 @@ def save_and_log_images(
     step: int | None = None,
     directory: str | os.PathLike | None = None,
 ) -> Path | None:
-    """Save a batch ``[N, C, H, W]`` as one PNG grid (``<run dir>/<name>.png``) and log it; rank zero only."""
+    """Save a batch ``[N, C, H, W]`` as one PNG grid (``<run dir>/<name>.png``) and log it; writes on rank zero only.
+
+    Call it on every rank (see :func:`save_and_log_figure`).
+    """
     from torchvision.utils import make_grid, save_image
 
     if images.ndim != 4:
         raise ValueError(f"`images` must be [N, C, H, W], got shape {tuple(images.shape)}")
+    out_dir = Path(directory) if directory is not None else run_dir(trainer)
     if trainer is not None and not trainer.is_global_zero:
         return None
     nrow = nrow or max(1, int(np.ceil(np.sqrt(len(images)))))
     lo, hi = value_range
     x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
     grid = make_grid(x, nrow=nrow, padding=2, pad_value=1.0)
-    path = (Path(directory) if directory is not None else run_dir(trainer)) / f"{name}.png"
+    path = out_dir / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, path)
     hwc = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
