@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import json
 import logging
 import math
@@ -234,20 +235,33 @@ _FINGERPRINT_KEYS = (
 
 
 def _describe(obj: Any) -> dict[str, Any]:
-    """Class path and plain-valued attributes (hyper-parameters) of a module / datamodule."""
+    """Class path and hyper-parameters of a module / datamodule: ``hparams``, else the attributes named like its
+    constructor's arguments (plain values only)."""
     hp = getattr(obj, "hparams", None)
-    items = dict(hp) if hp else {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+    if hp:
+        items = dict(hp)
+    else:
+        names = inspect.signature(type(obj).__init__).parameters
+        items = {k: getattr(obj, k) for k in names if k != "self" and hasattr(obj, k)}
     plain = {k: v for k, v in items.items() if isinstance(v, (int, float, str, bool, type(None), list, tuple, dict))}
     return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", **json.loads(json.dumps(plain, default=str))}
 
 
+def _describe_callable(fn: Any) -> Any:
+    """A process-independent description of an optimizer factory (classes by name, plain keyword values)."""
+    if fn is None:
+        return None
+    classes = [a for a in (getattr(fn, "func", fn), *getattr(fn, "args", ())) if isinstance(a, type)]
+    keywords = {k: v for k, v in getattr(fn, "keywords", {}).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return {"classes": [f"{c.__module__}.{c.__qualname__}" for c in classes], **keywords}
+
+
 def _fingerprint(cfg: AuditConfig) -> dict[str, Any]:
     fp = {k: (asdict(v) if k == "crafting" else v) for k in _FINGERPRINT_KEYS for v in [getattr(cfg, k)]}
-    opt = getattr(cfg.model, "optimizer_factory", None)
     return {
         "format": _FORMAT_VERSION,
         "model": _describe(cfg.model),
-        "optimizer": repr(getattr(opt, "keywords", opt)) if opt is not None else None,
+        "optimizer": _describe_callable(getattr(cfg.model, "optimizer_factory", None)),
         "data": _describe(cfg.data),
         **fp,
     }
@@ -599,7 +613,15 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_fingerprint(cfg, out)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only contend with the workers (crafting, scoring)
+    try:
+        return _run_audit(cfg, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_audit(cfg: AuditConfig, out: Path) -> dict[str, Any]:
 
     # data: D, the held-out pool, the sampling rate
     data = cfg.data
@@ -1052,7 +1074,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = AuditConfig(**fields)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    parser.save(cfg_ns, out / "config.yaml", overwrite=True, skip_none=False)
+    parser.save(cfg_ns, out / "config.yaml", overwrite=True)
     report = run_audit(cfg)
     print((out / "report.md").read_text())
     print(f"Report: {out / 'report.json'}, {out / 'report.md'}, {out / 'audit.png'}")

@@ -134,14 +134,15 @@ def test_noise_off_full_batch_reaches_the_largest_certifiable_bound(tmp_path: Pa
 
 def test_resume_never_retrains_finished_models(tmp_path: Path) -> None:
     out = tmp_path / "audit"
-    small = dict(epsilons=[], noise_off=True, canaries=["blank", "in_distribution"], eval_models=2)
+    small = dict(epsilons=[], noise_off=True, canaries=["blank", "in_distribution"], eval_models=2,
+                 crafting=CraftingConfig(shadow_out=1))
     first = run_audit(_cfg(out, **small))
-    assert first["models"]["trained_this_run"] == 2 + 2 + 2 and first["models"]["reused"] == 0
+    assert first["models"]["trained_this_run"] == 1 + 2 + 2 and first["models"]["reused"] == 0
     before = {p: p.stat().st_mtime_ns for p in (out / "noise_off").rglob("*.pt") if p.name != "canaries.pt"}
 
     # interrupted-then-extended: two more evaluation models; nothing finished is trained again
     second = run_audit(_cfg(out, **{**small, "eval_models": 4}))
-    assert second["models"]["trained_this_run"] == 2 and second["models"]["reused"] == 6
+    assert second["models"]["trained_this_run"] == 2 and second["models"]["reused"] == 5
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
     # a lost model is retrained, bit-identically (seeds depend on the model's index only)
@@ -163,6 +164,10 @@ def test_changed_training_config_in_the_same_out_dir_is_refused(tmp_path: Path) 
     run_audit(_cfg(out, **small))
     with pytest.raises(ValueError, match="max_epochs"):
         run_audit(_cfg(out, **{**small, "max_epochs": 3}))
+    other_lr = ImageClassifier(backbone="small_cnn", backbone_kwargs={"width": 2}, optimizer=partial(torch.optim.SGD, lr=0.1))
+    with pytest.raises(ValueError, match="optimizer"):
+        run_audit(_cfg(out, **small, model=other_lr))
+    run_audit(_cfg(out, **{**small, "eval_models": 3}))  # counts may change: more models, same meaning
 
 
 def test_config_errors_name_the_bad_value(tmp_path: Path) -> None:
