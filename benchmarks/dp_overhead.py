@@ -67,9 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--edm-steps", type=int, default=5, help="timed steps for the EDM network (slow on CPU)")
     p.add_argument("--edm-warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds over all configurations; each reports its fastest round (for shared, noisy machines)")
     p.add_argument("--accuracy", action="store_true", help="also train the DP digits recipe at epsilon 1, 3, 8")
     p.add_argument("--skip-timing", action="store_true")
-    p.add_argument("--lrs", type=float, nargs=4, default=[0.3, 0.1, 0.3, 0.3],
+    p.add_argument("--lrs", type=float, nargs=4, default=[0.05, 0.1, 0.3, 0.3],
                    metavar=("NONDP", "EPS1", "EPS3", "EPS8"), help="SGD learning rates for the accuracy runs")
     p.add_argument("--one", nargs=3, metavar=("NET", "RUNNER", "MODE"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -220,32 +222,35 @@ def one(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- driver
 def timing(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
-    results = []
-    base = [sys.executable, __file__, "--device", args.device, "--batch", str(args.batch), "--threads", str(args.threads),
-            "--out", str(out)]
+    results: dict[tuple[str, str, str], dict[str, Any]] = {}
+    base = [sys.executable, __file__, "--device", args.device, "--batch", str(args.batch), "--threads",
+            str(args.threads), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    for net in args.nets:
-        steps, warmup = (args.edm_steps, args.edm_warmup) if net == "edm" else (args.steps, args.warmup)
-        for runner in ("plain", "lightning"):
+    for _ in range(args.repeats):
+        for net in args.nets:
+            steps, warmup = (args.edm_steps, args.edm_warmup) if net == "edm" else (args.steps, args.warmup)
             for mode in ("none", *args.modes):
-                cmd = [*base, "--steps", str(steps), "--warmup", str(warmup), "--one", net, runner, mode]
-                proc = subprocess.run(cmd, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if line is None:
-                    print(proc.stdout[-3000:], file=sys.stderr)
-                    raise RuntimeError(f"{net}/{runner}/{mode} failed")
-                results.append(json.loads(line[7:]))
-                print(f"{net:10s} {runner:9s} {mode:9s} {results[-1]['median_ms']:9.1f} ms  "
-                      f"{results[-1]['peak_mb']:8.0f} MB", flush=True)
-    return results
+                for runner in ("plain", "lightning"):  # back to back: both see the same machine load
+                    cmd = [*base, "--steps", str(steps), "--warmup", str(warmup), "--one", net, runner, mode]
+                    proc = subprocess.run(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                    if line is None:
+                        print(proc.stdout[-3000:], file=sys.stderr)
+                        raise RuntimeError(f"{net}/{runner}/{mode} failed")
+                    result = json.loads(line[7:])
+                    print(f"{net:10s} {runner:9s} {mode:9s} {result['median_ms']:9.1f} ms  {result['peak_mb']:8.0f} MB",
+                          flush=True)
+                    key = (net, runner, mode)
+                    if key not in results or result["median_ms"] < results[key]["median_ms"]:
+                        results[key] = result
+    return list(results.values())
 
 
 def timing_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     by = {(r["net"], r["runner"], r["mode"]): r for r in results}
     mem = "peak alloc MB" if args.device.startswith("cuda") else "peak RSS MB"
     rows = [f"device {args.device}, logical batch {args.batch}, median of {args.steps} steps (EDM: {args.edm_steps}), "
-            f"sigma={SIGMA}, C={CLIP}",
+            f"fastest of {args.repeats} round(s), sigma={SIGMA}, C={CLIP}",
             "",
             "| net | grad_sample_mode | plain ms | plain+opacus ms | Lightning ms | Lightning+DPSGD ms "
             "| DP/non-DP plain | DP/non-DP Lightning | DPSGD / plain opacus | DPSGD overhead net of Lightning "
@@ -267,13 +272,16 @@ def timing_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str
 
 def accuracy(out: Path, lrs: dict[str, float]) -> str:
     """Train recipes/classifier/digits_dp.yaml at epsilon 1, 3, 8 and without DP (DPSGD removed); the SGD learning
-    rate per epsilon is ``lrs`` (the best of {0.1, 0.3, 1.0} by validation accuracy in a sweep)."""
+    rate per setting is ``lrs``: for DP the best of {0.1, 0.3, 1.0} by validation accuracy in a sweep; without DP
+    0.05 (unclipped, noiseless gradients are larger: 0.3 diverges)."""
     from lightning.pytorch import seed_everything
 
     from plpriv.callbacks import DPSGD
     from plpriv.cli import PlprivCLI
 
-    rows = ["| run | lr | epsilon spent (delta=1e-5) | noise multiplier | steps | val acc (best ckpt) | test acc "
+    # The released model is the best-validation checkpoint: selected on data DP-SGD never trains on, it is
+    # post-processing of the whole run, whose epsilon (after all steps) is the one reported.
+    rows = ["| run | lr | epsilon of the run (delta=1e-5) | noise multiplier | steps | val acc (best ckpt) | test acc "
             "| time s |", "|---|---|---|---|---|---|---|---|"]
     for name in ("non-private", "1", "3", "8"):
         lr = lrs[name]
@@ -292,10 +300,10 @@ def accuracy(out: Path, lrs: dict[str, float]) -> str:
         t0 = time.time()
         trainer.fit(model, dm)
         elapsed = time.time() - t0
+        spent = "-" if name == "non-private" else f"{dp.get_epsilon():.3f}"  # before the checkpoint reload below
         best = trainer.checkpoint_callback.best_model_path or None
         val = trainer.validate(model, dm, ckpt_path=best, verbose=False)[0]["val/acc"]
         test = trainer.test(model, dm, ckpt_path=best, verbose=False)[0]["test/acc"]
-        spent = "-" if name == "non-private" else f"{dp.get_epsilon():.3f}"
         sigma = "-" if name == "non-private" else f"{dp.effective_noise_multiplier:.3f}"
         rows.append(f"| {name} | {lr:g} | {spent} | {sigma} | {trainer.global_step} | {val:.4f} | {test:.4f} "
                     f"| {elapsed:.0f} |")

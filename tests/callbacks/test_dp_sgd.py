@@ -176,7 +176,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, source: str, seed:
     """Stopped at step 4 (mid-epoch: 6 batches per epoch) and resumed; with seed=None the drawn seed is restored."""
 
     def run(max_steps: int, ckpt: str | None, checkpoint_every: int | None) -> tuple[ToyClassifier, DPSGD, Trainer]:
-        model, dp = ToyClassifier(), DPSGD(max_grad_norm=0.5, noise_multiplier=1.0, seed=seed, target_delta=1e-5)
+        model = ToyClassifier()
+        dp = DPSGD(max_grad_norm=0.5, noise_multiplier=1.0, seed=seed, target_delta=1e-5, accountant="rdp")
         callbacks: list[Callback] = [dp]
         if checkpoint_every:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1,
@@ -201,8 +202,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, source: str, seed:
 
 def test_budget_stop_before_exceeding_and_spent_run_refuses(tmp_path: Path) -> None:
     sigma, q, delta = 1.2, 1 / 6, 1e-5
-    eps = [pld_epsilon(q, sigma, k, delta) for k in range(1, 12)]
-    target = (eps[4] + eps[5]) / 2  # between epsilon after 5 and after 6 steps
+    target = (pld_epsilon(q, sigma, 5, delta) + pld_epsilon(q, sigma, 6, delta)) / 2  # between 5 and 6 steps
     dp = DPSGD(max_grad_norm=1.0, noise_multiplier=sigma, target_epsilon=target, target_delta=delta, seed=0)
     model = ToyClassifier()
     trainer = make_trainer(tmp_path, [dp], max_steps=30)
