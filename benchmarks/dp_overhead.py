@@ -2,7 +2,8 @@
 
 One run measures, for the same network, data and logical batch (Poisson batches of expected size ``--batch`` for the
 private runs, fixed batches of that size otherwise), the median time of a training step (forward, backward,
-clipping, noise, optimizer step; data loading excluded) and the peak memory:
+clipping, noise, optimizer step; data loading excluded), scaled to ``--batch`` examples (Poisson batch sizes vary
+from step to step and run to run), and the peak memory:
 
 * ``plain``      a plain PyTorch loop, non-private;
 * ``plain+opacus``  the same loop with opacus' ``PrivacyEngine.make_private(wrap_model=False)`` (hooks / functorch) or
@@ -167,8 +168,8 @@ def run_plain(net: str, mode: str, args: argparse.Namespace) -> list[float]:
             model._global_batch = len(x)
             model.update_ema()
         sync(args.device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
+        if step >= args.warmup and len(x):
+            times.append((time.perf_counter() - t0) * args.batch / len(x))
     return times
 
 
@@ -183,14 +184,15 @@ def run_lightning(net: str, mode: str, args: argparse.Namespace) -> list[float]:
     times: list[float] = []
 
     class StepTimer(Callback):  # last in the list: its batch-end hook runs after DPSGD's
-        def on_train_batch_start(self, *a: Any) -> None:
+        def on_train_batch_start(self, trainer: Trainer, module: Any, batch: Any, batch_idx: int) -> None:
             sync(args.device)
+            self.n = len(batch[0])
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer: Trainer, *a: Any) -> None:
             sync(args.device)
-            if trainer.global_step > args.warmup:
-                times.append(time.perf_counter() - self.t0)
+            if trainer.global_step > args.warmup and self.n:
+                times.append((time.perf_counter() - self.t0) * args.batch / self.n)
 
     callbacks: list[Callback] = [] if mode == "none" else [
         DPSGD(max_grad_norm=CLIP, noise_multiplier=SIGMA, grad_sample_mode=mode, seed=0, target_delta=1e-5)

@@ -36,6 +36,12 @@ Details that each were a real bug somewhere (see ``/work/shared/reference/dp_sgd
   ``no_sync()`` context, entered at train start), because opacus' distributed optimizer all-reduces the clipped,
   noised gradient itself; the two never double-average. All ranks draw the same global Poisson batch and keep
   their share of it; empty local batches are yielded, so ranks never take different numbers of steps.
+* The Poisson loader enters through public API: the datamodule's (or module's) ``train_dataloader`` is wrapped for
+  the fit (loaders passed to ``fit`` directly are only reachable through the fit loop's data source). It is built
+  from the user's loader (dataset, collate, workers; q = 1/len(loader) as opacus) and is *not* a ``DataLoader``, so
+  Lightning never injects a ``DistributedSampler`` (no ``use_distributed_sampler=False`` needed) and saves / restores
+  its position with the fit loop; batch ``i`` of epoch ``e`` is a function of ``(seed, e, i)``, so resumed and DDP
+  runs draw the batches of the uninterrupted single-process run.
 * The expected batch size is q*N exactly (a float), not opacus' ``int(q * N)``.
 * Virtual steps (``max_physical_batch_size``) split a logical batch *inside* one Lightning step (opacus'
   ``signal_skip_step``/``pre_step`` protocol), so ``global_step``, ``max_steps``, LR schedulers, checkpoints and the
@@ -59,6 +65,12 @@ the update is pure noise, and a non-finite loss of an empty batch is replaced by
 
 ``secure_mode=True`` uses opacus' secure noise (``torchcsprng``) for noise and sampling; a secure generator has no
 state to save, so a resumed secure run draws fresh noise and batches (never replayed) and cannot be bit-exact.
+
+Limitations: one private optimizer (several would share each batch, which the accountants do not model); with
+manual optimization and several optimizers the noise is calibrated for ``estimated_stepping_batches``, which counts
+every optimizer's steps (conservative); ``LearningRateMonitor`` lists the learning rate twice (the user's optimizer,
+which schedulers hold, and the DPOptimizer around it, same values); ghost clipping needs ``training_step`` to return
+per-sample losses; strategies other than single-device and DDP (FSDP, DeepSpeed) are refused.
 """
 
 from __future__ import annotations
@@ -193,6 +205,11 @@ class DPSGD(Callback):
         private_optimizers: indices (in ``configure_optimizers`` order) of the optimizers that touch private data,
             e.g. ``1`` for a GAN whose discriminator is optimizer 1; ``None``: the only optimizer. One private
             optimizer is supported (several would share each batch, which opacus' accountants do not model).
+
+    Logged (``on_step``, on every step Lightning hands to its loggers, i.e. every ``log_every_n_steps``):
+    ``dp/epsilon`` (exact, by the accountant, precomputed in a background thread), ``dp/delta``,
+    ``dp/noise_multiplier``, ``dp/sample_rate``; ``dp_epsilon.png`` (epsilon vs step) in the log directory at the end.
+    Use one DPSGD instance per run: its accountant history is the run's.
 
     Example::
 
