@@ -1,6 +1,7 @@
 """LightningDataModules with seeded splits, optional duplication of chosen training images, resumable shuffling."""
 
 from plpriv.data.base import EpochSeededRandomSampler, ImageDataModule
+from plpriv.data.binary_density import BinaryDensityDataModule
 from plpriv.data.embedded import DigitsDataModule, LFWFacesDataModule
 from plpriv.data.files import ImageFolderDataModule, TorchvisionDataModule
 

@@ -4,5 +4,7 @@ from plpriv.nets.edm_precond import EDMLoss, EDMPrecond, edm_coefficients
 from plpriv.nets.lora import ClassLoRA, CompositionalLoRA, ConditionalLoRA, TimeLoRA, apply_lora
 from plpriv.nets.small_cnn import SmallCNN
 from plpriv.nets.songunet import SongUNet
+from plpriv.nets.spn import RandomSPN, distill_to_tspn, fit_density
+from plpriv.nets.tspn import TensorSPN
 
 __all__ = ["EDMLoss", "EDMPrecond", "SmallCNN", "SongUNet", "ClassLoRA", "CompositionalLoRA", "ConditionalLoRA", "TimeLoRA", "apply_lora", "edm_coefficients"]

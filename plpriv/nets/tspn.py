@@ -1,0 +1,304 @@
+"""Tensor sum-product network (tSPN): a tractable density on a tensor train with nonnegative cores.
+
+Ko, Chen, He, Zhang, Batselier, Wong, "Deep Compression of Sum-Product Networks on Tensor Networks" (arXiv
+1811.03963; IEEE TNNLS 31(7), 2020). The unnormalised joint of ``d`` discrete variables is the tensor train
+
+    P~(x_1..x_d) = G_1[x_1] G_2[x_2] ... G_d[x_d],   G_k[x_k] >= 0 an r_{k-1} x r_k matrix, r_0 = r_d = 1   (tSPN eq.)
+
+Every core is a layer of sum nodes over indicator products, so the TT is itself a valid deep SPN. Marginalising
+``x_k`` replaces ``G_k[x_k]`` by ``sum_x G_k[x]``; ``Z`` is the product of all summed cores, so normalisation is exact
+by construction. All contractions run in log space (log-sum-exp over the bond index) to avoid underflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Parameterization = Literal["exp", "softplus"]
+
+
+def _as_ranks(rank: int | Sequence[int], num_vars: int) -> list[int]:
+    """``rank`` -> the full bond-dimension list ``[1, r_1, ..., r_{d-1}, 1]``."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, Sequence)):
+        raise TypeError(f"`rank` must be an int or a sequence of d-1 ints, got {rank!r}")
+    inner = [rank] * (num_vars - 1) if isinstance(rank, int) else [int(r) for r in rank]
+    if len(inner) != num_vars - 1:
+        raise ValueError(f"`rank` needs num_vars - 1 = {num_vars - 1} inner ranks, got {len(inner)}: {rank!r}")
+    if any(r < 1 for r in inner):
+        raise ValueError(f"every TT rank must be >= 1, got {rank!r}")
+    return [1, *inner, 1]
+
+
+def inverse_softplus(y: Tensor) -> Tensor:
+    """softplus^{-1}(y) = y + log(1 - exp(-y)) for y > 0, stable for large y."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+def log_matvec(alpha: Tensor, log_core: Tensor) -> Tensor:
+    """``log(exp(alpha) @ exp(log_core))`` batched: alpha ``[B, r]``, log_core ``[B, r, s]`` -> ``[B, s]``."""
+    return torch.logsumexp(alpha.unsqueeze(-1) + log_core, dim=-2)
+
+
+class TensorSPN(nn.Module):
+    """Nonnegative tensor train over ``num_vars`` variables with ``num_states`` states each.
+
+    Args:
+        num_vars: number of variables ``d`` (>= 2).
+        num_states: states per variable ``n`` (2 for binary data).
+        rank: TT rank, one int for all bonds or ``d - 1`` ints.
+        parameterization: ``exp`` (core = exp(theta), so log core = theta) or ``softplus`` (core = softplus(theta)).
+        init_scale: std of the random initial log cores (0 = uniform distribution).
+        seed: seed of the initialisation (``None``: torch's global generator).
+
+    Inputs ``x`` are integer states ``[B, d]`` in ``[0, n)``; ``mask`` ``[B, d]`` (or ``[d]``) is True where a variable
+    is observed and False where it is summed out.
+    """
+
+    def __init__(
+        self,
+        num_vars: int,
+        num_states: int = 2,
+        rank: int | Sequence[int] = 8,
+        parameterization: Parameterization = "exp",
+        init_scale: float = 0.5,
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_vars, int) or num_vars < 2:
+            raise ValueError(f"`num_vars` must be an int >= 2, got {num_vars!r}")
+        if not isinstance(num_states, int) or num_states < 2:
+            raise ValueError(f"`num_states` must be an int >= 2, got {num_states!r}")
+        if parameterization not in ("exp", "softplus"):
+            raise ValueError(f"`parameterization` must be 'exp' or 'softplus', got {parameterization!r}")
+        if init_scale < 0:
+            raise ValueError(f"`init_scale` must be >= 0, got {init_scale!r}")
+        self.num_vars = num_vars
+        self.num_states = num_states
+        self.ranks = _as_ranks(rank, num_vars)
+        self.parameterization = parameterization
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        cores = []
+        for k in range(num_vars):
+            shape = (self.ranks[k], num_states, self.ranks[k + 1])
+            theta = torch.randn(shape, generator=gen) * init_scale
+            if parameterization == "softplus":  # softplus^{-1}(exp(theta)): the same initial cores as "exp"
+                theta = inverse_softplus(theta.exp())
+            cores.append(nn.Parameter(theta))
+        self.cores = nn.ParameterList(cores)
+
+    # -- cores -------------------------------------------------------------------------------------------------
+    def log_cores(self) -> list[Tensor]:
+        """log G_k, each ``[r_{k-1}, n, r_k]``; -inf where a core entry is exactly 0."""
+        if self.parameterization == "exp":
+            return list(self.cores)
+        return [F.softplus(theta).log() for theta in self.cores]
+
+    def num_parameters(self) -> int:
+        """sum_k n_k r_{k-1} r_k (tSPN parameter count)."""
+        return sum(self.num_states * self.ranks[k] * self.ranks[k + 1] for k in range(self.num_vars))
+
+    def _augmented(self) -> list[Tensor]:
+        """Per core ``[n + 1, r_{k-1}, r_k]``: states 0..n-1, then the summed core log sum_x G_k[x] (marginal)."""
+        out = []
+        for lc in self.log_cores():
+            lc = lc.permute(1, 0, 2)
+            out.append(torch.cat([lc, torch.logsumexp(lc, dim=0, keepdim=True)], dim=0))
+        return out
+
+    def _indices(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Validated ``[B, d]`` int64 slots into the augmented cores (``n`` = marginalised)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 2 or x.shape[1] != self.num_vars:
+            raise ValueError(f"`x` must have shape [B, {self.num_vars}], got {tuple(x.shape)}")
+        if x.is_floating_point() and not torch.equal(x, x.round()):
+            raise ValueError("`x` must hold integer states, got non-integer values")
+        idx = x.long()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_states):
+            raise ValueError(f"states must be in [0, {self.num_states}), got values in [{idx.min()}, {idx.max()}]")
+        if mask is not None:
+            if mask.shape not in (x.shape, (self.num_vars,)):
+                raise ValueError(f"`mask` must have shape {tuple(x.shape)} or ({self.num_vars},), got {tuple(mask.shape)}")
+            idx = torch.where(mask.to(torch.bool).expand_as(idx), idx, torch.full_like(idx, self.num_states))
+        return idx
+
+    # -- densities ---------------------------------------------------------------------------------------------
+    def _forward_messages(self, idx: Tensor, aug: list[Tensor]) -> list[Tensor]:
+        """Left messages alpha_k = log(G_1[x_1] ... G_k[x_k]), each ``[B, r_k]`` (k = 1..d)."""
+        alpha = aug[0][idx[:, 0], 0, :]  # r_0 = 1
+        msgs = [alpha]
+        for k in range(1, self.num_vars):
+            alpha = log_matvec(alpha, aug[k][idx[:, k]])
+            msgs.append(alpha)
+        return msgs
+
+    def _backward_messages(self, idx: Tensor, aug: list[Tensor]) -> list[Tensor]:
+        """Right messages beta_k = log(G_k[x_k] ... G_d[x_d]), each ``[B, r_{k-1}]``; ``beta_{d+1} = 0``."""
+        d = self.num_vars
+        beta = aug[d - 1][idx[:, d - 1], :, 0]
+        msgs = [beta]
+        for k in range(d - 2, -1, -1):
+            beta = log_matvec(beta, aug[k][idx[:, k]].transpose(1, 2))
+            msgs.append(beta)
+        msgs.reverse()
+        return msgs + [idx.new_zeros((idx.shape[0], 1), dtype=beta.dtype)]
+
+    def log_normalizer(self) -> Tensor:
+        """log Z = log prod_k sum_x G_k[x] (scalar)."""
+        aug = self._augmented()
+        idx = torch.full((1, self.num_vars), self.num_states, dtype=torch.long, device=aug[0].device)
+        return self._forward_messages(idx, aug)[-1][0, 0]
+
+    def unnormalized_log_prob(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """log P~(x), with masked-out variables summed out; ``[B]``."""
+        idx = self._indices(x, mask)
+        return self._forward_messages(idx, self._augmented())[-1][:, 0]
+
+    def marginal_log_prob(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Exact log p(x_observed) = log P~(x_obs, sum over the rest) - log Z; ``[B]``."""
+        return self.unnormalized_log_prob(x, mask) - self.log_normalizer()
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Exact normalised log p(x); ``[B]``."""
+        return self.marginal_log_prob(x, None)
+
+    forward = log_prob
+
+    def conditional_log_prob(self, x: Tensor, query: Tensor, evidence: Tensor) -> Tensor:
+        """log p(x_query | x_evidence) = log p(x_q, x_e) - log p(x_e); ``query``/``evidence`` boolean masks."""
+        joint = torch.as_tensor(query, dtype=torch.bool) | torch.as_tensor(evidence, dtype=torch.bool)
+        return self.unnormalized_log_prob(x, joint) - self.unnormalized_log_prob(x, evidence)
+
+    def conditional_marginals(self, x: Tensor, evidence: Tensor) -> Tensor:
+        """log p(x_k = v | x_evidence) for every variable ``k`` and state ``v``: ``[B, d, n]`` (forward-backward).
+
+        p(x_k = v, e) = alpha_{k-1} G_k[v] beta_{k+1}, with evidence variables fixed and the others summed out.
+        For evidence variables the result is the point mass on the observed state.
+        """
+        idx = self._indices(x, evidence)
+        aug = self._augmented()
+        fwd, bwd = self._forward_messages(idx, aug), self._backward_messages(idx, aug)
+        out = []
+        for k in range(self.num_vars):
+            left = fwd[k - 1] if k > 0 else idx.new_zeros((idx.shape[0], 1), dtype=aug[0].dtype)
+            core = aug[k][: self.num_states]  # [n, r, s]
+            # log sum_{j,l} alpha[b,j] G[v,j,l] beta[b,l]
+            val = torch.logsumexp(left[:, None, :, None] + core[None] + bwd[k + 1][:, None, None, :], dim=(-2, -1))
+            observed = idx[:, k] != self.num_states
+            point = F.one_hot(idx[:, k].clamp(max=self.num_states - 1), self.num_states).log()
+            val = torch.where(observed[:, None], point.to(val.dtype), val - torch.logsumexp(val, -1, keepdim=True))
+            out.append(val)
+        return torch.stack(out, dim=1)
+
+    # -- MPE and sampling --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def mpe(self, x: Tensor | None = None, evidence: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Most probable explanation by max-product (Poon & Domingos 2011: every sum node becomes a max node).
+
+        Jointly maximises over the unobserved states and the TT bond indices (Viterbi on the chain of cores), the
+        SPN MPE; its value lower-bounds max_x p(x). Returns ``(states [B, d], log p(states))``. Without ``x`` the
+        unconditional MPE (batch of one).
+        """
+        if x is None:
+            x = torch.zeros((1, self.num_vars), dtype=torch.long, device=self.cores[0].device)
+            evidence = torch.zeros(self.num_vars, dtype=torch.bool, device=x.device)
+        idx = self._indices(x, evidence)
+        logs = [lc.permute(1, 0, 2) for lc in self.log_cores()]  # [n, r, s]
+        b, n = idx.shape[0], self.num_states
+        free = idx == n
+        # per core and sample: best state for each (j, l), restricted to the observed one where there is evidence
+        delta = idx.new_zeros((b, 1), dtype=logs[0].dtype)
+        back_state, back_bond = [], []
+        for k in range(self.num_vars):
+            lc = logs[k].unsqueeze(0).expand(b, -1, -1, -1)  # [B, n, r, s]
+            fixed = idx[:, k].clamp(max=n - 1)
+            onehot = F.one_hot(fixed, n).to(torch.bool)[:, :, None, None] | free[:, k, None, None, None]
+            lc = lc.masked_fill(~onehot, float("-inf"))
+            best_val, best_state = lc.max(dim=1)  # [B, r, s]
+            total = delta.unsqueeze(-1) + best_val  # [B, r, s]
+            delta, best_bond = total.max(dim=1)  # [B, s]
+            back_state.append(best_state)
+            back_bond.append(best_bond)
+        states = idx.new_zeros(idx.shape)
+        bond = idx.new_zeros(b)  # r_d = 1
+        ar = torch.arange(b, device=idx.device)
+        for k in range(self.num_vars - 1, -1, -1):
+            prev = back_bond[k][ar, bond]
+            states[:, k] = back_state[k][ar, prev, bond]
+            bond = prev
+        return states, self.log_prob(states)
+
+    @torch.no_grad()
+    def sample(
+        self, num_samples: int, x: Tensor | None = None, evidence: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Exact ancestral samples ``[num_samples, d]``, left to right: p(x_k | x_<k, e) from the right messages.
+
+        With ``x``/``evidence`` (one row, or ``num_samples`` rows) the evidence variables are kept and the others drawn
+        from p(. | e).
+        """
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"`num_samples` must be a positive int, got {num_samples!r}")
+        device = self.cores[0].device
+        if x is None:
+            x = torch.zeros((num_samples, self.num_vars), dtype=torch.long, device=device)
+            evidence = torch.zeros(self.num_vars, dtype=torch.bool, device=device)
+        if x.shape[0] == 1:
+            x = x.expand(num_samples, -1)
+            evidence = evidence if evidence is None or evidence.ndim == 1 else evidence.expand(num_samples, -1)
+        idx = self._indices(x, evidence)
+        if idx.shape[0] != num_samples:
+            raise ValueError(f"`x` must have 1 or num_samples = {num_samples} rows, got {idx.shape[0]}")
+        aug = self._augmented()
+        bwd = self._backward_messages(idx, aug)
+        out = idx.clone()
+        alpha = idx.new_zeros((num_samples, 1), dtype=aug[0].dtype)
+        for k in range(self.num_vars):
+            core = aug[k][: self.num_states]  # [n, r, s]
+            # log p(x_k = v | x_<k, e) up to a constant: log alpha G_k[v] beta_{k+1}
+            logits = torch.logsumexp(alpha[:, None, :, None] + core[None] + bwd[k + 1][:, None, None, :], dim=(-2, -1))
+            drawn = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+            out[:, k] = torch.where(idx[:, k] == self.num_states, drawn, out[:, k])
+            alpha = log_matvec(alpha, aug[k][out[:, k]])
+        return out
+
+    # -- tensorly ----------------------------------------------------------------------------------------------
+    def to_tensorly(self, normalize: bool = True):  # -> tensorly.tt_tensor.TTTensor
+        """The cores G_k as a tensorly ``TTTensor`` (PyTorch backend); ``normalize`` scales them so the sum is 1."""
+        from tensorly.tt_tensor import TTTensor
+
+        with torch.no_grad():
+            shift = self.log_normalizer() / self.num_vars if normalize else 0.0
+            cores = [(lc - shift).exp().detach().clone() for lc in self.log_cores()]
+        return TTTensor(cores)
+
+    @classmethod
+    def from_tensorly(cls, tt, parameterization: Parameterization = "exp") -> TensorSPN:
+        """A tSPN whose cores are a nonnegative TT (a ``TTTensor`` or a list of ``[r, n, s]`` cores)."""
+        cores = [torch.as_tensor(c, dtype=torch.get_default_dtype()) for c in (tt.factors if hasattr(tt, "factors") else tt)]
+        if len(cores) < 2 or any(c.ndim != 3 for c in cores):
+            raise ValueError(f"expected >= 2 TT cores of shape [r, n, s], got shapes {[tuple(c.shape) for c in cores]}")
+        states = {c.shape[1] for c in cores}
+        if len(states) != 1:
+            raise ValueError(f"all cores must have the same number of states, got {sorted(states)}")
+        if any((c < 0).any() for c in cores):
+            raise ValueError("a tSPN needs nonnegative TT cores; got negative entries (project or refit them)")
+        ranks = [c.shape[0] for c in cores[1:]]
+        if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1 or any(a.shape[2] != b.shape[0] for a, b in zip(cores, cores[1:])):
+            raise ValueError(f"inconsistent TT ranks: core shapes {[tuple(c.shape) for c in cores]}")
+        model = cls(len(cores), states.pop(), ranks, parameterization=parameterization, init_scale=0.0)
+        tiny = torch.finfo(cores[0].dtype).tiny  # exact zeros become the smallest normal number (log stays finite)
+        with torch.no_grad():
+            for theta, c in zip(model.cores, cores):
+                c = c.clamp_min(tiny)
+                theta.copy_(c.log() if parameterization == "exp" else inverse_softplus(c).clamp_min(-80.0))
+        return model
+
+    def extra_repr(self) -> str:
+        return f"num_vars={self.num_vars}, num_states={self.num_states}, max_rank={max(self.ranks)}, {self.parameterization}"
