@@ -13,3 +13,8 @@ from plpriv.privacy.audit import (
 )
 from plpriv.privacy.accounting import calibrate_noise_multiplier, default_delta, epsilon, max_steps_within_budget
 from plpriv.privacy.poisson import PoissonBatchSampler, PoissonDataLoader
+from plpriv.privacy.ledger import EpsilonLedger
+from plpriv.privacy.per_sample import PerSampleHooks
+from plpriv.privacy.poisson import sampler_support
+from plpriv.privacy.secret_file import read_secret, secret_path, write_secret
+from plpriv.privacy.validation import check_loss_modules, fix_modules, private_roots, validate_modules

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -103,13 +103,16 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
 
 def max_steps_within_budget(target_epsilon: float, delta: float, history: Sequence[tuple[float, float, int]],
                             noise_multiplier: float, sample_rate: float, mechanism: str = "prv",
-                            horizon: int | None = None) -> int:
+                            horizon: int | None = None,
+                            epsilon_fn: Callable[[History, float, str], float] | None = None) -> int:
     """Largest k >= 0 such that ``history`` plus k steps at (noise_multiplier, sample_rate) spends at most
     ``target_epsilon``; when ``horizon`` is given the search stops there (returns ``horizon`` if it fits).
-    Epsilon grows with the number of steps, so this is a bisection (about log2(k) accountant calls)."""
+    Epsilon grows with the number of steps, so this is a bisection (about log2(k) accountant calls), each through
+    ``epsilon_fn`` (default :func:`epsilon`; e.g. a memoised one)."""
+    eps = epsilon if epsilon_fn is None else epsilon_fn
 
     def fits(k: int) -> bool:
-        return epsilon(extend_history(history, noise_multiplier, sample_rate, k), delta, mechanism) <= target_epsilon
+        return eps(extend_history(history, noise_multiplier, sample_rate, k), delta, mechanism) <= target_epsilon
 
     if not fits(0):
         return -1  # already over budget

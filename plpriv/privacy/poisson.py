@@ -27,15 +27,57 @@ from typing import Any
 import numpy as np
 import torch
 from opacus.data_loader import wrap_collate_with_empty
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+)
 from torch.utils.data._utils.collate import default_collate
 
-__all__ = ["PoissonBatchSampler", "PoissonDataLoader"]
+from plpriv.utils.seeding import derive_seed
+
+__all__ = ["PoissonBatchSampler", "PoissonDataLoader", "sampler_support"]
 
 
-def _step_seed(seed: int, epoch: int, step: int) -> int:
-    """A 64-bit seed that depends on (seed, epoch, step) only (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1, dtype=np.uint64)[0])
+def sampler_support(loader: DataLoader) -> list[int] | None:
+    """The indices a loader's sampler can yield: ``None`` for the whole data set, a list for a subset.
+
+    Poisson sampling draws from exactly these examples. Samplers whose support or probabilities Poisson sampling
+    cannot reproduce (weighted, with replacement, custom batch samplers) are refused with what to do instead.
+    """
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is None or type(batch_sampler) is not BatchSampler:
+        raise ValueError(
+            f"DPSGD(poisson_sampling=True) cannot turn the train loader's batch sampler"
+            f" ({type(batch_sampler).__name__}) into Poisson batches: it does not know which examples it may yield."
+            " Give the DataLoader a `batch_size` (and a plain, random or SubsetRandomSampler sampler), or wrap the"
+            " dataset in torch.utils.data.Subset to restrict the examples."
+        )
+    sampler = batch_sampler.sampler
+    n = len(loader.dataset)  # type: ignore[arg-type]
+    if isinstance(sampler, SubsetRandomSampler):
+        return [int(i) for i in sampler.indices]
+    if isinstance(sampler, SequentialSampler) or (
+        isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n
+    ):
+        return None
+    hint = (
+        " Its examples are drawn with unequal probabilities, which Poisson sampling (the same q for every example)"
+        " cannot reproduce; to exclude examples wrap the dataset in torch.utils.data.Subset or use"
+        " SubsetRandomSampler." if "Weighted" in type(sampler).__name__ else
+        " Use a SequentialSampler, RandomSampler (no replacement) or SubsetRandomSampler, or wrap the dataset in"
+        " torch.utils.data.Subset to restrict the examples."
+    )
+    raise ValueError(
+        f"DPSGD(poisson_sampling=True) would replace the train loader's sampler {type(sampler).__name__} by Poisson"
+        f" sampling over the data set and train on examples the sampler excludes.{hint}"
+    )
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -91,7 +133,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def global_batch(self, epoch: int, step: int) -> torch.Tensor:
         """Indices of the global Poisson batch of ``(epoch, step)`` (seeded mode only)."""
-        g = torch.Generator().manual_seed(_step_seed(self.seed, epoch, step))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "poisson", epoch, step))
         mask = torch.rand(self.num_samples, generator=g) < self.sample_rate
         return mask.nonzero(as_tuple=False).reshape(-1)
 
@@ -158,6 +200,7 @@ class PoissonDataLoader:
         self._loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate, **loader_kwargs)
         self._consumed = 0
         self._pending: tuple[int, int] | None = None
+        self.batch_size: float = sample_rate * len(dataset)  # the public divisor; the user's B via from_data_loader
 
     @classmethod
     def from_data_loader(
@@ -168,14 +211,25 @@ class PoissonDataLoader:
         rank: int = 0,
         world_size: int = 1,
         generator: torch.Generator | None = None,
+        sample_rate: float | None = None,
     ) -> PoissonDataLoader:
-        """Poisson version of ``loader``: q = 1 / len(loader) and len(loader) steps per epoch, as opacus'
-        ``DPDataLoader.from_data_loader``; dataset, collate, workers and pinning are kept."""
-        num_batches = len(loader)
-        return cls(
-            loader.dataset,
-            sample_rate=1.0 / num_batches,
-            num_batches=num_batches,
+        """Poisson version of ``loader`` over the examples its sampler can yield (:func:`sampler_support`), with
+        ``len(loader)`` steps per epoch; dataset, collate, workers and pinning are kept.
+
+        The expected batch size is the loader's ``batch_size`` B, a public constant (the noise divisor), and
+        q = B / N unless ``sample_rate`` is given. (opacus' q = 1/len(loader) makes q N, and so the update's scale,
+        depend on the data set size N: N and N + 1 examples give different divisors.)
+        """
+        indices = sampler_support(loader)
+        dataset = loader.dataset if indices is None else Subset(loader.dataset, indices)
+        if indices is not None and not indices:
+            raise ValueError("The train loader's SubsetRandomSampler has no indices: nothing to train on.")
+        batch_size = int(loader.batch_size)  # type: ignore[arg-type]
+        rate = min(1.0, batch_size / len(dataset)) if sample_rate is None else float(sample_rate)  # B >= N: all
+        loader_ = cls(
+            dataset,
+            sample_rate=rate,
+            num_batches=len(loader),
             seed=seed,
             rank=rank,
             world_size=world_size,
@@ -189,6 +243,8 @@ class PoissonDataLoader:
             prefetch_factor=loader.prefetch_factor,
             persistent_workers=loader.persistent_workers,
         )
+        loader_.batch_size = batch_size
+        return loader_
 
     @property
     def sample_rate(self) -> float:

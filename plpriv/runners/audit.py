@@ -24,8 +24,10 @@ fixing it removes variance the audit cannot use, as in Nasr et al. 2023). Models
 atomically), so an interrupted audit resumes without retraining anything, and more models can be added later by
 raising the counts. ``<out_dir>/report.json``, ``report.md`` and ``audit.png`` hold the results.
 
-The accountant functions of :mod:`plpriv.privacy.accounting` are memoised inside the audit (all models of a
-setting share one DP-SGD history, and a PRV accountant call costs up to a second); the values are unchanged.
+Accounting is memoised across the models of a process (``DPSGD(memoize_accounting=True)``: all models of a setting
+share one DP-SGD history, and a PRV accountant call costs up to a second); the values are unchanged. IN and OUT
+models share every public constant of the mechanism (q, the divisor B, sigma, C, steps, delta): q is passed to
+DPSGD as a constant, and the report lists any constant that differs across models as a problem.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import os
 import tempfile
 import time
 import warnings
-import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -56,8 +57,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from plpriv.callbacks.dp_sgd import DPSGD
-from plpriv.privacy import accounting
 from plpriv.privacy.audit import audit_counts, audit_scores, select_threshold
+from plpriv.utils.seeding import derive_seed
 from plpriv.privacy.canaries import (
     CANARY_KINDS,
     SCORE_HIGHER_IS_IN,
@@ -118,7 +119,7 @@ class AuditConfig:
         model: the LightningModule to audit (trained from the same initial weights when ``fixed_init``).
         data: a LightningDataModule whose ``setup("fit")`` fills ``train_dataset`` (the audited training set D) and
             ``test_dataset`` (or ``val_dataset``: held-out images the canaries are taken from) with ``(x, y)``
-            items; its ``batch_size`` sets the DP-SGD sampling rate q = 1 / ceil(N / batch_size).
+            items; its ``batch_size`` B is the DP-SGD divisor and sets q = B / N (N without canaries, for every model).
         out_dir: models, report.json, report.md and audit.png go here; rerunning resumes.
         epsilons: theoretical epsilons to audit (the noise is calibrated by DPSGD's ``target_epsilon``).
         noise_off: also audit with ``noise_multiplier=0`` (sanity: the bound must then be large).
@@ -267,57 +268,6 @@ def _fingerprint(cfg: AuditConfig) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Accountant memoisation (pure functions; one DP-SGD history is shared by all models of a setting)
-
-
-def _hashable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_hashable(v) for v in value)
-    return value
-
-
-def _memoize(fn: Any) -> Any:
-    cache: dict[Any, Any] = {}
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        key = (_hashable(args), tuple(sorted((k, _hashable(v)) for k, v in kwargs.items())))
-        if key not in cache:
-            cache[key] = fn(*args, **kwargs)
-        return cache[key]
-
-    wrapper.__wrapped_by_audit__ = True  # type: ignore[attr-defined]
-    return wrapper
-
-
-@contextlib.contextmanager
-def _memoized_accounting() -> Iterator[None]:
-    """Memoise ``epsilon`` / ``calibrate_noise_multiplier`` / ``max_steps_within_budget`` for DPSGD.
-
-    Patched where DPSGD looks them up (``plpriv.callbacks.dp_sgd``'s module globals) and in
-    :mod:`plpriv.privacy.accounting` (``max_steps_within_budget`` calls ``epsilon`` there); only names that are
-    the unpatched accounting functions are replaced, and everything is restored on exit.
-    """
-    from plpriv.callbacks import dp_sgd
-
-    undo: list[tuple[Any, str, Any]] = []
-    try:
-        for name in ("epsilon", "calibrate_noise_multiplier", "max_steps_within_budget"):
-            original = getattr(accounting, name, None)
-            if original is None or getattr(original, "__wrapped_by_audit__", False):
-                continue
-            memo = _memoize(original)
-            for module in (accounting, dp_sgd):
-                if getattr(module, name, None) is original:
-                    undo.append((module, name, original))
-                    setattr(module, name, memo)
-        yield
-    finally:
-        for module, name, original in reversed(undo):
-            setattr(module, name, original)
-
-
 @contextlib.contextmanager
 def _quiet_lightning() -> Iterator[None]:
     """Silence per-model Lightning/DPSGD chatter (hundreds of short fits); warnings that matter are re-raised."""
@@ -332,6 +282,7 @@ def _quiet_lightning() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*Using a non-full backward hook.*")
         warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
         warnings.filterwarnings("ignore", message=".*treespec.*")  # torch/lightning deprecation chatter
+        warnings.filterwarnings("ignore", message=r".*DPSGD\(seed=.*replayable.*")  # the audit seeds its runs
         for lg in loggers:
             lg.setLevel(logging.ERROR)
         try:
@@ -357,15 +308,6 @@ def _stack(dataset: Dataset | None, name: str) -> tuple[Tensor, Tensor]:
     if y.ndim != 1 or x.shape[0] != y.shape[0]:
         raise ValueError(f"`{name}` must yield (input, integer label) items, got inputs {tuple(x.shape)} labels {tuple(y.shape)}.")
     return x.float().contiguous(), y.long().contiguous()
-
-
-class _AuditDPSGD(DPSGD):
-    """:class:`plpriv.callbacks.DPSGD` unchanged, except that it does not draw its per-run epsilon-vs-step PNG:
-    an audit trains hundreds of identical runs, and the figure costs more than training a tiny model. Sampling,
-    clipping, noise, calibration and accounting are DPSGD's own code."""
-
-    def _plot_curve(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
-        return None
 
 
 class _TrajectoryRecorder(Callback):
@@ -425,7 +367,6 @@ def _init_worker(state: dict[str, Any], memoize: bool = True) -> None:
     _STATE["root_dir"] = tempfile.mkdtemp(prefix="plpriv_audit_")
     if memoize:  # lives as long as the worker process
         stack = contextlib.ExitStack()
-        stack.enter_context(_memoized_accounting())
         stack.enter_context(_quiet_lightning())
         _STATE["stack"] = stack
 
@@ -458,9 +399,9 @@ def _train_job(job: _Job) -> dict[str, Any]:
     x = torch.cat([s["train_x"], job.extra_x]) if len(job.extra_x) else s["train_x"]
     y = torch.cat([s["train_y"], job.extra_y]) if len(job.extra_y) else s["train_y"]
     if job.target_epsilon is None:
-        dpsgd = _AuditDPSGD(noise_multiplier=0.0, **s["dp_kwargs"], seed=job.dp_seed)
+        dpsgd = DPSGD(noise_multiplier=0.0, **s["dp_kwargs"], seed=job.dp_seed)
     else:
-        dpsgd = _AuditDPSGD(target_epsilon=job.target_epsilon, **s["dp_kwargs"], seed=job.dp_seed)
+        dpsgd = DPSGD(target_epsilon=job.target_epsilon, **s["dp_kwargs"], seed=job.dp_seed)
     recorder = _TrajectoryRecorder() if job.record_trajectory else None
     trainer = Trainer(
         max_epochs=s["max_epochs"],
@@ -485,8 +426,9 @@ def _train_job(job: _Job) -> dict[str, Any]:
     meta = {
         **job.meta,
         "included": list(job.included),
-        "dp_seed": job.dp_seed,
         "noise_multiplier": float(dpsgd.effective_noise_multiplier),
+        "expected_batch_size": float(dpsgd.expected_batch_size),
+        "max_grad_norm": float(dpsgd.max_grad_norm),
         "sample_rate": float(dpsgd.sample_rate),
         "steps": int(dpsgd.steps),
         "delta": float(dpsgd.delta),
@@ -529,7 +471,6 @@ class _Pool:
             )
         else:
             _init_worker(self.state, memoize=False)
-            self._stack.enter_context(_memoized_accounting())
             self._stack.enter_context(_quiet_lightning())
         return self
 
@@ -581,9 +522,7 @@ def _progress(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:
 # The audit
 
 
-def _seed(*parts: int | str) -> int:
-    ints = [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts]
-    return int(np.random.SeedSequence(ints).generate_state(1, dtype=np.uint32)[0])
+_seed = derive_seed
 
 
 def _load_models(template: LightningModule, paths: Sequence[str]) -> list[LightningModule]:
@@ -636,11 +575,11 @@ def _run_audit(cfg: AuditConfig, out: Path) -> dict[str, Any]:
     num_classes = int(getattr(data, "num_classes", 0) or int(max(train_y.max(), held_y.max())) + 1)
     batch_size = getattr(data, "batch_size", None)
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"The datamodule needs an int `batch_size` (it sets q = 1/ceil(N/batch_size)), got {batch_size!r}.")
+        raise ValueError(f"The datamodule needs an int `batch_size` (the DP-SGD divisor; q = batch_size / N), got {batch_size!r}.")
     n, k = len(train_y), len(cfg.canaries)
     if math.ceil(n / batch_size) != math.ceil((n + k) / batch_size):
         raise ValueError(
-            f"batch_size={batch_size} gives a different sampling rate with and without the {k} canaries"
+            f"batch_size={batch_size} gives a different number of steps per epoch with and without the {k} canaries"
             f" (ceil({n}/{batch_size}) != ceil({n + k}/{batch_size})): IN and OUT models would differ in more than"
             " the canary. Pick a batch_size for which both are equal."
         )
@@ -669,11 +608,14 @@ def _run_audit(cfg: AuditConfig, out: Path) -> dict[str, Any]:
         "batch_size": batch_size,
         "max_epochs": cfg.max_epochs,
         "accelerator": cfg.accelerator,
-        "dp_kwargs": {
+        "dp_kwargs": {  # public constants shared by IN and OUT models (q and delta from N without canaries)
             "max_grad_norm": cfg.max_grad_norm,
             "target_delta": cfg.target_delta,
+            "sample_rate": min(1.0, batch_size / n),
             "accountant": cfg.accountant,
             "grad_sample_mode": cfg.grad_sample_mode,
+            "plot": False,  # hundreds of identical runs: the figure costs more than training a tiny model
+            "memoize_accounting": True,
         },
     }
     settings = [_Setting(name, eps, out / name) for name, eps in cfg.settings()]
@@ -858,7 +800,7 @@ def _evaluate(
     is_ref = np.arange(len(jobs)) < n_ref
 
     # theoretical epsilon and the sanity of the DP-SGD runs (every model must share sigma, q, steps)
-    keys = ("noise_multiplier", "sample_rate", "steps", "delta", "epsilon")
+    keys = ("noise_multiplier", "sample_rate", "expected_batch_size", "max_grad_norm", "steps", "delta", "epsilon")
     distinct = {key: sorted({m[key] for m in metas}) for key in keys}
     shared = {key: vals[0] for key, vals in distinct.items() if len(vals) == 1}
     problems = [f"{key} differs across models: {vals}" for key, vals in distinct.items() if len(vals) != 1]

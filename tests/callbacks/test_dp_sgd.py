@@ -279,7 +279,21 @@ def test_module_and_checkpoint_unchanged_by_the_callback(tmp_path: Path) -> None
     fresh = ToyClassifier(seed=1)
     fresh.load_state_dict(torch.load(tmp_path / "m.ckpt", weights_only=False)["state_dict"], strict=True)
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
-    assert (tmp_path / "dp_epsilon.png").is_file()
+    assert not list(tmp_path.rglob("*.png"))  # no logger: no artefact anywhere
+
+
+def test_epsilon_curve_lands_in_the_log_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    monkeypatch.chdir(tmp_path)
+    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    logger = CSVLogger(tmp_path / "logs", name="run")
+    make_trainer(tmp_path, [dp], max_steps=3, logger=logger).fit(ToyClassifier(), ToyData())
+    assert [p.parent for p in tmp_path.rglob("dp_epsilon.png")] == [Path(logger.log_dir)]
+    quiet = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5, plot=False)
+    make_trainer(tmp_path, [quiet], max_steps=3, logger=CSVLogger(tmp_path / "logs", name="quiet")).fit(
+        ToyClassifier(), ToyData())
+    assert len(list(tmp_path.rglob("dp_epsilon.png"))) == 1
 
 
 # --------------------------------------------------------------------------- bad input fails before training

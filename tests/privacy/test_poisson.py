@@ -86,13 +86,16 @@ def test_loader_empty_batches_keep_structure_and_dtype() -> None:
         assert b["y"].dtype == torch.int64
 
 
-def test_loader_from_data_loader_matches_opacus_rate_and_resumes() -> None:
+def test_loader_from_data_loader_public_divisor_and_resumes() -> None:
     ds = TensorDataset(torch.arange(50).float())
     user = DataLoader(ds, batch_size=8, collate_fn=None)
     loader = PoissonDataLoader.from_data_loader(user, seed=5)
     assert len(loader) == len(user) == 7
-    assert loader.sample_rate == pytest.approx(1 / 7)  # opacus: q = 1 / len(data_loader)
-    assert loader.expected_batch_size == pytest.approx(50 / 7)
+    assert loader.batch_size == 8  # the public divisor is the user's B, not q N = 50 / 7 (opacus' q = 1/len)
+    assert loader.sample_rate == pytest.approx(8 / 50)
+    assert loader.expected_batch_size == pytest.approx(8.0)
+    one_more = PoissonDataLoader.from_data_loader(DataLoader(TensorDataset(torch.arange(51).float()), batch_size=8))
+    assert one_more.batch_size == loader.batch_size and len(one_more) == len(loader)
     full = [b[0].tolist() for b in loader]
     # stop after 3 batches, save, resume in a fresh loader
     fresh = PoissonDataLoader.from_data_loader(user, seed=5)
@@ -136,3 +139,22 @@ def test_split_batch_chunks_every_tensor_along_dim0() -> None:
 def test_sampler_rejects_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="num_samples|sample_rate|num_batches|rank"):
         PoissonBatchSampler(**kwargs)
+
+
+def test_poisson_batches_stay_inside_the_users_sampler_support() -> None:
+    from torch.utils.data import SubsetRandomSampler, WeightedRandomSampler
+
+    from plpriv.privacy.poisson import sampler_support
+
+    ds = TensorDataset(torch.arange(40))
+    allowed = list(range(0, 40, 3))
+    user = DataLoader(ds, batch_size=4, sampler=SubsetRandomSampler(allowed))
+    loader = PoissonDataLoader.from_data_loader(user, seed=1)
+    seen = {int(i) for _ in range(5) for batch in loader for i in batch[0]}
+    assert seen and seen <= set(allowed) and len(seen) > len(allowed) // 2
+    assert loader.sample_rate == pytest.approx(4 / len(allowed))
+    assert sampler_support(DataLoader(ds, batch_size=4, shuffle=True)) is None
+    with pytest.raises(ValueError, match="WeightedRandomSampler.*unequal probabilities.*Subset"):
+        PoissonDataLoader.from_data_loader(DataLoader(ds, batch_size=4, sampler=WeightedRandomSampler([1.0] * 40, 40)))
+    with pytest.raises(ValueError, match="batch sampler"):
+        PoissonDataLoader.from_data_loader(DataLoader(ds, batch_sampler=[[0, 1], [2, 3]]))
