@@ -3,36 +3,227 @@
 ``plpriv fit -c recipes/A.yaml -c callbacks/B.yaml`` merges the files left to right. Fragments write their callbacks
 under ``trainer.callbacks+`` (jsonargparse's list-append syntax), so they are added to the recipe's own callbacks
 instead of replacing them; the same works on the command line: ``--trainer.callbacks+=LearningRateMonitor``.
+
+``validate``/``test``/``predict`` log into ``<fit log dir>/<subcommand>/`` (TensorBoard's ``sub_dir``), so they never
+overwrite the fit's ``config.yaml`` or ``hparams.yaml``; ``fit --ckpt_path`` refuses to continue a checkpoint trained
+under DP-SGD without the ``DPSGD`` callback.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+PRIVACY_KEY = "plpriv_privacy"  # top-level checkpoint key DPSGD writes: how the weights were trained privately
+
+# One line per subcommand for `plpriv --help`; tests check that it covers LightningCLI's subcommands and `audit`.
+SUBCOMMANDS: dict[str, str] = {
+    "fit": "train a model from a recipe (plus callback fragments); --ckpt_path last resumes a run",
+    "validate": "one pass over the validation split from a checkpoint (logs into <run dir>/validate/)",
+    "test": "one pass over the test split from a checkpoint (logs into <run dir>/test/)",
+    "predict": "predictions from a checkpoint, e.g. EDM samples as PNG grids and .npz (into <run dir>/predict/)",
+    "audit": "empirical epsilon lower bounds of DP-SGD with canaries (resumable runner, recipes/audit/*.yaml)",
+}
+
+_HELP_CLASS = ("--model.help plpriv.modules.EDM", "a class's arguments (also --data.help CLASS, --trainer.callbacks.help CLASS)")
+_EXAMPLES = {
+    "fit": (
+        ("-c recipes/classifier/digits.yaml", "a recipe (all in recipes/, listed in the README)"),
+        ("-c RECIPE -c callbacks/dp_sgd.yaml", "add callback fragments (callbacks/*.yaml) after the recipe"),
+        ("-c RECIPE --trainer.max_epochs 3", "override any key; --print_config shows the merged config"),
+        ("-c RECIPE --ckpt_path last", "resume the recipe's run from its last checkpoint"),
+        _HELP_CLASS,
+    ),
+    "other": (
+        ("-c recipes/edm/digits_lora.yaml --ckpt_path last", "the recipe's run, from its last checkpoint"),
+        ("-c RECIPE --ckpt_path PATH.ckpt", "any checkpoint (fragments and overrides as for fit)"),
+        _HELP_CLASS,
+    ),
+}
+
+
+def _classes(package: str, base: type) -> str:
+    """The public ``base`` subclasses ``package`` exports, leaves only (``ImageDataModule`` is a base, not listed)."""
+    module = importlib.import_module(package)
+    found = [c for n, c in vars(module).items() if not n.startswith("_") and isinstance(c, type)
+             and issubclass(c, base) and c is not base]
+    leaves = [c for c in found if not any(o is not c and issubclass(o, c) for o in found)]
+    return ", ".join(sorted(f"{package}.{c.__name__}" for c in leaves))
+
+
+def _print_top_level_help() -> None:
+    width = max(map(len, SUBCOMMANDS))
+    lines = [f"  {name:<{width}}  {line}" for name, line in SUBCOMMANDS.items()]
+    print("usage: plpriv {" + ",".join(SUBCOMMANDS) + "} ...\n\nplpriv: privacy-aware training with PyTorch"
+          " Lightning, driven by YAML recipes.\n\nsubcommands:\n" + "\n".join(lines)
+          + "\n\n`plpriv SUBCOMMAND --help` shows a subcommand's options; `plpriv fit -c recipes/classifier/digits.yaml`"
+          " trains a digits classifier in ~30 s.")
+
+
+def _print_guidance(sub: str) -> None:
+    """plpriv's own pointers, printed before Lightning's (long) option list."""
+    from lightning.pytorch import LightningDataModule
+
+    examples = _EXAMPLES["fit" if sub == "fit" else "other"]
+    commands = [f"plpriv {sub} {args}" for args, _ in examples]
+    width = max(map(len, commands))
+    print(f"plpriv {sub}: {SUBCOMMANDS[sub]}.\n")
+    for command, (_, what) in zip(commands, examples):
+        print(f"  {command:<{width}}  {what}")
+    print(f"\n  modules:     {_classes('plpriv.modules', LightningModule)} (or any LightningModule by class_path)")
+    print(f"  datamodules: {_classes('plpriv.data', LightningDataModule)}")
+    print(f"  callbacks:   {_classes('plpriv.callbacks', Callback)} (and fragments in callbacks/)")
+    print("\nLightning's options follow.\n")
+
+
+class PrivateCheckpointError(RuntimeError):
+    """A checkpoint trained under DP-SGD was about to be continued without DP-SGD."""
+
+
+def _privacy_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The checkpoint's ``plpriv_privacy`` dict, or None (memory-mapped: large checkpoints are not read whole)."""
+    if os.path.isfile(path):
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    else:  # remote (fsspec) paths
+        from lightning.fabric.utilities.cloud_io import _load
+
+        checkpoint = _load(path, map_location="cpu")
+    record = checkpoint.get(PRIVACY_KEY) if isinstance(checkpoint, dict) else None
+    return record if isinstance(record, dict) else None
+
+
+def check_private_resume(trainer: Trainer, ckpt_path: str | os.PathLike | None) -> None:
+    """Refuse to continue a checkpoint that DPSGD wrote when ``trainer`` has no DPSGD callback.
+
+    ``ckpt_path`` is a path or one of Lightning's names (``last``, ``best``, ``hpc``), resolved as ``Trainer.fit``
+    resolves it. Raises :class:`PrivateCheckpointError` with how to proceed knowingly.
+    """
+    if ckpt_path is None:
+        return
+    path = _resolve_ckpt_path(trainer, ckpt_path)
+    record = _privacy_record(path) if path is not None else None
+    if record is None:
+        return
+    from plpriv.callbacks import DPSGD
+
+    if any(isinstance(cb, DPSGD) for cb in trainer.callbacks):
+        return  # DPSGD itself checks that the noise, clipping and accountant match the checkpoint's
+    raise PrivateCheckpointError(_refusal(str(path), record))
+
+
+def _refusal(path: str, record: dict[str, Any]) -> str:
+    shown = ", ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
+                      for k in ("mechanism", "accountant", "epsilon", "delta", "steps") if k in record)
+    return (
+        f"{path} was trained with differential privacy ({shown}), but this run has no DPSGD callback: resuming it"
+        " would continue training without privacy. To continue privately, add DP-SGD as it was trained (its private"
+        " recipe, or -c callbacks/dp_sgd.yaml after the recipe). To knowingly start a new, NON-private run from its"
+        " weights, which makes no privacy claim, load them instead of resuming: --model.init_checkpoint PATH"
+        " (plpriv.modules.EDM) or your module's own loader, without --ckpt_path."
+    )
+
+
+def _resolve_ckpt_path(trainer: Trainer, ckpt_path: str | os.PathLike) -> str | None:
+    """Lightning's resolution of ``ckpt_path`` for ``fit`` (``last``: the newest ``last*.ckpt`` of any
+    ModelCheckpoint), without loading anything; None when there is nothing to resume."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no last checkpoint": fit warns about it itself
+            resolved = trainer._checkpoint_connector._parse_ckpt_path(
+                TrainerFn.FITTING, ckpt_path, model_provided=True, model_connected=False
+            )
+    except ValueError:  # e.g. "best" before any fit: fit raises its own error
+        return None
+    return None if resolved is None else str(resolved)
+
+
+class _PrivateCheckpointGuard(Callback):
+    """Backstop for :func:`check_private_resume`: sees the checkpoint fit actually loads (however it was named)."""
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.get(PRIVACY_KEY)
+        if isinstance(record, dict):
+            from plpriv.callbacks import DPSGD
+
+            if not any(isinstance(cb, DPSGD) for cb in trainer.callbacks):
+                raise PrivateCheckpointError(_refusal(str(trainer.ckpt_path), record))
+
+
+class _SaveConfig(SaveConfigCallback):
+    """The resolved config, saved into the log directory only (none without a logger); a subcommand other than fit
+    that was not redirected into its own directory writes ``config_<subcommand>.yaml`` instead of ``config.yaml``."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not trainer.loggers:  # no log directory: nowhere (not the current directory)
+            return
+        if stage != "fit" and not (isinstance(trainer.logger, TensorBoardLogger) and trainer.logger.sub_dir == stage):
+            self.config_filename = f"config_{stage}.yaml"
+        super().setup(trainer, pl_module, stage)
 
 
 class PlprivCLI(LightningCLI):
     """LightningCLI with plpriv's defaults: any LightningModule / DataModule by ``class_path`` (subclass mode), the
-    resolved config saved next to the logs (overwritten when a run is resumed into the same directory)."""
+    resolved config saved next to the logs (overwritten when a run is resumed into the same directory), non-fit
+    subcommands logging into their own subdirectory, and private checkpoints only resumed privately."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", _SaveConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """validate/test/predict: a TensorBoardLogger logs into ``<log dir>/<subcommand>`` (its ``sub_dir``), so the
+        fit's files are never overwritten; its checkpoint directory (``--ckpt_path last``) stays the fit's."""
+        if self.subcommand in (None, "fit"):
+            return
+        logger = self.config[self.subcommand].trainer.logger
+        for entry in logger if isinstance(logger, list) else [logger]:
+            class_path = getattr(entry, "class_path", None)
+            if class_path is None or entry.get("init_args") is None:
+                continue
+            module, _, name = class_path.rpartition(".")
+            cls = getattr(importlib.import_module(module), name, None)
+            if isinstance(cls, type) and issubclass(cls, TensorBoardLogger) and entry.init_args.get("sub_dir") is None:
+                entry.init_args.sub_dir = self.subcommand
+
+    def before_fit(self) -> None:
+        check_private_resume(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
+        self.trainer.callbacks.append(_PrivateCheckpointGuard())
 
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``plpriv`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "audit":  # `plpriv audit -c recipes/audit/...`: the DP-SGD audit runner, not a LightningCLI
+    if not argv or argv[0] in ("-h", "--help"):
+        _print_top_level_help()
+        raise SystemExit(0 if argv else 2)
+    if argv[0] == "audit":  # `plpriv audit -c recipes/audit/...`: the DP-SGD audit runner, not a LightningCLI
         from plpriv.runners.audit import main as audit_main
 
         audit_main(argv[1:])
         return
-    # args=None lets LightningCLI read sys.argv itself (passing both makes it warn on every run).
-    PlprivCLI(args=None if args is None else argv)
+    if argv[0] in SUBCOMMANDS and ("-h" in argv or "--help" in argv):
+        _print_guidance(argv[0])
+        sys.stdout.flush()
+    try:
+        # args=None lets LightningCLI read sys.argv itself (passing both makes it warn on every run).
+        PlprivCLI(args=None if args is None else argv)
+    except PrivateCheckpointError as err:
+        print(f"plpriv: refusing to resume: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

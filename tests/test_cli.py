@@ -47,9 +47,13 @@ def test_recipe_parses(recipe: Path, capsys):
 def test_fragment_appends_to_recipe(fragment: Path, capsys):
     """A fragment adds its callbacks after the recipe's own; none of the recipe's callbacks is lost."""
     raw = yaml.safe_load(fragment.read_text())
-    assert set(raw) == {"trainer"} and set(raw["trainer"]) == {"callbacks+"}, (
-        f"{fragment.name}: a fragment must only hold `trainer: callbacks+: [...]` so that it appends"
+    assert set(raw) == {"trainer"} and "callbacks+" in raw["trainer"], (
+        f"{fragment.name}: a fragment must hold `trainer: callbacks+: [...]` so that it appends"
     )
+    # besides callbacks, a fragment may only rename the run's version directory (the DP fragment does)
+    assert set(raw["trainer"]) - {"callbacks+"} <= {"logger"}
+    assert raw["trainer"].get("logger", {"init_args": {}}).keys() == {"init_args"}
+    assert set(raw["trainer"].get("logger", {"init_args": {}})["init_args"]) <= {"version"}
     added = raw["trainer"]["callbacks+"]
     added = added if isinstance(added, list) else [added]
     base = yaml.safe_load(BASE.read_text())["trainer"]["callbacks"]
@@ -71,8 +75,8 @@ def test_two_fragments_and_recipe_callbacks_all_reach_the_trainer(tmp_path):
     kinds = [type(c) for c in cli.trainer.callbacks]
     for expected in (ModelCheckpoint, LearningRateMonitor, EarlyStopping):
         assert expected in kinds, f"{expected.__name__} missing from {kinds}"
-    (checkpoint,) = [c for c in cli.trainer.callbacks if type(c) is ModelCheckpoint]
-    assert checkpoint.monitor == "val/acc" and checkpoint.save_last  # the recipe's own settings survived
+    best, last = [c for c in cli.trainer.callbacks if type(c) is ModelCheckpoint]
+    assert best.monitor == "val/acc" and last.filename == "last"  # the recipe's own settings survived
 
 
 def test_command_line_append_keeps_recipe_callbacks(capsys):
@@ -80,7 +84,7 @@ def test_command_line_append_keeps_recipe_callbacks(capsys):
         ["-c", str(BASE), "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"], capsys
     )
     names = [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]]
-    assert names == ["ModelCheckpoint", "LearningRateMonitor"]
+    assert names == ["ModelCheckpoint", "ModelCheckpoint", "LearningRateMonitor"]
 
 
 def _mutated_recipe(tmp_path: Path, old: str, new: str) -> Path:

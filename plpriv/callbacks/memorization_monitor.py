@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import inspect
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -165,14 +166,18 @@ class MemorizationMonitor(Callback):
 
     # -- hooks ----------------------------------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs != 0 or not trainer.is_global_zero:
+        if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
-        self.run(trainer, pl_module)
+        directory = run_dir(trainer)  # `log_dir` is a collective under DDP: every rank, before the rank-zero check
+        if trainer.is_global_zero:
+            self.run(trainer, pl_module, directory)
 
-    def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        """Score samples now, log and write them (rank zero); returns the per-sample results."""
+    def run(self, trainer: Trainer, pl_module: LightningModule, directory: Path | None = None) -> dict[str, Any]:
+        """Score samples now, log them and write them into ``directory`` (default: the run's log dir; nowhere
+        without one), on rank zero; returns the per-sample results. Under DDP pass ``directory`` from all ranks."""
         if not trainer.is_global_zero:
             return {}
+        directory = directory if directory is not None else run_dir(trainer)
         denoiser = resolve_denoiser(pl_module, self.denoiser_attr)
         # eval() for sampling and scoring, then every submodule back to its own mode (an EMA copy may stay in eval).
         modes = {m: m.training for root in (pl_module, denoiser) if isinstance(root, nn.Module) for m in root.modules()}
@@ -194,8 +199,9 @@ class MemorizationMonitor(Callback):
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        self._write_csv(trainer, epoch, results)
-        self._plot(trainer, epoch, results)
+        if directory is not None:
+            self._write_csv(directory, epoch, results)
+        self._plot(trainer, epoch, results, directory)
         return results
 
     # -- internals ------------------------------------------------------------------------------------------------
@@ -271,8 +277,8 @@ class MemorizationMonitor(Callback):
             ).to(device)
         return self._replication_metric
 
-    def _write_csv(self, trainer: Trainer, epoch: int, results: dict[str, Any]) -> None:
-        path = run_dir(trainer) / self.csv_name
+    def _write_csv(self, directory: Path, epoch: int, results: dict[str, Any]) -> None:
+        path = directory / self.csv_name
         path.parent.mkdir(parents=True, exist_ok=True)
         fields = ["epoch", "sample", "score", "max_eig_normalized", "min_eig_normalized", "memorized"]
         has_rep = "replication" in results
@@ -291,7 +297,7 @@ class MemorizationMonitor(Callback):
                     row += [f"{results['replication'][i].item():.6g}", int(results["replication_index"][i])]
                 writer.writerow(row)
 
-    def _plot(self, trainer: Trainer, epoch: int, results: dict[str, Any]) -> None:
+    def _plot(self, trainer: Trainer, epoch: int, results: dict[str, Any], directory: Path | None) -> None:
         s2 = self.sigma**2
         mem = results["memorized"].numpy()
         fig = figure(figsize=(9, 3.5))
@@ -308,4 +314,4 @@ class MemorizationMonitor(Callback):
             ax.legend()
         fig.suptitle(f"epoch {epoch}, sigma={self.sigma:g}")
         fig.tight_layout()
-        save_and_log_figure(trainer, fig, f"memorization/eigenvalues_epoch{epoch:04d}")
+        save_and_log_figure(trainer, fig, f"memorization/eigenvalues_epoch{epoch:04d}", directory=directory)

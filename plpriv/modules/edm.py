@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -125,7 +125,8 @@ class EDM(LightningModule):
         sampler_kwargs: overrides of :func:`plpriv.sampling.edm_sampler` settings (``num_steps``, ``S_churn``, ...).
         image_shape: ``(C, H, W)`` when ``net`` lacks ``in_channels``/``img_resolution``.
         val_sigmas: noise levels at which validation loss is logged (``val/loss@sigma=<s>``).
-        num_val_samples: samples drawn with the EMA net after every validation epoch for the grid ``val_samples.png``.
+        num_val_samples: samples drawn with the EMA net after every validation epoch for the grid
+            ``<log dir>/val_samples/epoch<NNNN>.png`` (one per validation, upscaled to >= 512 px for viewing).
         fid_feature: feature network for FID (an ``nn.Module``, e.g. :class:`plpriv.metrics.ClassifierFeatures`), or
             ``"inception"`` (needs torch-fidelity), or ``None`` (no FID). A feature net with ``logits`` also gives
             ``val/sample_acc``: how often a class-conditional sample is classified as its requested class.
@@ -135,7 +136,8 @@ class EDM(LightningModule):
         sample_batch_size: batch size of sampling in validation.
         predict_num_samples, predict_batch_size, predict_class: ``trainer.predict`` draws this many samples (seeds
             ``0..N-1``; class ``seed % num_classes`` unless ``predict_class`` is set).
-        predict_dir: where prediction writes PNG grids and ``samples.npz`` (default ``<log dir>/samples``).
+        predict_dir: where prediction writes PNG grids and ``samples.npz`` (default ``<log dir>/samples``; under the
+            CLI the log dir of predict is ``<run dir>/predict``). Without it and without a logger nothing is written.
         init_checkpoint: start from these weights (fine-tuning, e.g. the LoRA paper's recipe from a pretrained EDM
             net): a plpriv EDM checkpoint (its EMA weights) or a plain state dict of the raw network. Missing LoRA
             parameters keep their initialisation (LoRA starts as the identity); other missing keys are an error.
@@ -477,9 +479,9 @@ class EDM(LightningModule):
                 if self._class_scorer is not None and labels is not None:
                     correct += int((self._class_scorer(x).argmax(1) == labels).sum())
                     counted += count
-        if grid:
-            save_and_log_images(self.trainer, torch.cat(grid), "val_samples", nrow=self.num_classes or None,
-                                directory=log_dir)
+        if grid and log_dir is not None:  # kept per validation; logged under one tag (a slider in TensorBoard)
+            save_and_log_images(self.trainer, torch.cat(grid), f"val_samples/epoch{self.current_epoch:04d}",
+                                nrow=self.num_classes or None, directory=log_dir, tag="val_samples")
         if n_fid and self.fid is not None:
             self.log("val/fid", self.fid.compute(), sync_dist=False)
             self.fid.reset()  # keeps the real statistics (reset_real_features=False)
@@ -529,25 +531,31 @@ class EDM(LightningModule):
                             nrow=self.num_classes or None, directory=self._predict_dir())
         return out
 
-    def _predict_dir(self) -> Path:
+    def _predict_dir(self) -> Path | None:
+        """``predict_dir``, else ``<log dir>/samples``; None (nothing written) without either."""
         if self._predict_path is None:  # `trainer.log_dir` is a collective under DDP: resolved once on all ranks
-            self._predict_path = Path(self.predict_dir) if self.predict_dir else run_dir(self.trainer) / "samples"
+            log_dir = run_dir(self.trainer)
+            self._predict_path = (Path(self.predict_dir) if self.predict_dir
+                                  else log_dir / "samples" if log_dir is not None else None)
         return self._predict_path
 
     def on_predict_epoch_start(self) -> None:
         self._predictions = []
         self._predict_path = None
-        self._predict_dir()
+        if self._predict_dir() is None:
+            rank_zero_warn("EDM: no logger and no `predict_dir`: samples are returned by predict but not written")
 
     def on_predict_epoch_end(self) -> None:
-        if not self._predictions:
+        directory = self._predict_dir()
+        if not self._predictions or directory is None:
+            self._predictions = []
             return
         images = torch.cat([p["images"] for p in self._predictions]).permute(0, 2, 3, 1).numpy()  # NHWC uint8
         arrays = {"images": images, "seeds": torch.cat([p["seeds"] for p in self._predictions]).numpy()}
         if "labels" in self._predictions[0]:
             arrays["labels"] = torch.cat([p["labels"] for p in self._predictions]).numpy()
         suffix = f"_rank{self._rank()}" if self._world_size() > 1 else ""
-        path = self._predict_dir() / f"samples{suffix}.npz"
+        path = directory / f"samples{suffix}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, **arrays)
         rank_zero_info(f"EDM: wrote {len(images)} samples to {path} and PNG grids beside it")

@@ -146,12 +146,15 @@ def test_validation_logs_sigma_bins_fid_sample_accuracy_and_grid(tmp_path) -> No
     feats = ClassifierFeatures(SmallCNN(in_chans=1, num_classes=10))
     model = EDM(tiny_net(), val_sigmas=(0.1, 1.0), num_val_samples=10, fid_feature=feats, fid_num_samples=12,
                 sample_batch_size=8, sampler_kwargs={"num_steps": 3})
-    t = trainer(tmp_path, limit_val_batches=2)
+    t = trainer(tmp_path, limit_val_batches=2, logger=pl.loggers.CSVLogger(tmp_path, name="", version=0))
     metrics = t.validate(model, digits())[0]
     for key in ("val/loss", "val/loss@sigma=0.1", "val/loss@sigma=1", "val/fid", "val/sample_acc"):
         assert key in metrics and np.isfinite(metrics[key]), key
     assert 0 <= metrics["val/sample_acc"] <= 1
-    assert (tmp_path / "val_samples.png").exists()
+    # one grid per validation epoch in the log dir, 10 samples of 8 px upscaled to >= 512 px
+    from PIL import Image
+
+    assert Image.open(tmp_path / "version_0" / "val_samples" / "epoch0000.png").size[0] >= 512
     assert not any(k.startswith("fid.") for k in model.state_dict())
 
 
@@ -225,4 +228,4 @@ def test_ddp_smoke_fit(tmp_path) -> None:
     for key, value in ckpt["state_dict"].items():
         assert torch.equal(restored.state_dict()[key], value), key
     assert int(ckpt["state_dict"]["images_seen"]) == 2 * 2 * 64  # two ranks of batch 64 per step
-    assert (tmp_path / "edm_digits_lora" / "val_samples.png").exists()
+    assert (tmp_path / "edm_digits_lora" / "val_samples" / "epoch0000.png").exists()
