@@ -34,7 +34,7 @@ def _logit(p: float) -> float:
 
 
 def test_worked_example_from_reference() -> None:
-    # /work/shared/reference/auditing.md: 1000/1000 models, FP=10, FN=500, delta=1e-5, 95% -> 0.0183, 0.531, ~3.24.
+    # shared/reference/auditing.md: 1000/1000 models, FP=10, FN=500, delta=1e-5, 95% -> 0.0183, 0.531, ~3.24.
     res = audit_counts(10, 500, 1000, 1000, 1e-5, 0.95)
     assert isinstance(res, AuditResult)
     assert res.fpr_upper == pytest.approx(0.0183, abs=5e-5)
