@@ -253,3 +253,23 @@ def test_epsilon_prefetch_never_looks_past_the_planned_steps(tmp_path: Path, mon
     _trainer(tmp_path, [dp], max_steps=1, log_every_n_steps=10**6).fit(ToyClassifier(), ToyData())
     dp.get_epsilon()
     assert asked and max(asked) <= 1
+
+
+# --------------------------------------------------------------------------- resuming with another mechanism
+def test_resume_with_another_noise_multiplier_is_refused_unless_allowed(tmp_path: Path) -> None:
+    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    trainer = _trainer(tmp_path, [dp], max_steps=3)
+    trainer.fit(ToyClassifier(), ToyData())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    for kwargs, match in (({"noise_multiplier": 2.0}, "noise_multiplier 1.0 -> 2.0"),
+                          ({"noise_multiplier": 1.0, "max_grad_norm": 0.5}, "max_grad_norm 1.0 -> 0.5"),
+                          ({"noise_multiplier": 1.0, "accountant": "prv"}, "accountant 'rdp' -> 'prv'")):
+        again = DPSGD(**{"max_grad_norm": 1.0, "seed": 0, "accountant": "rdp", "target_delta": 1e-5, **kwargs})
+        with pytest.raises(ValueError, match=match):
+            _trainer(tmp_path, [again], max_steps=5).fit(ToyClassifier(), ToyData(), ckpt_path=tmp_path / "a.ckpt")
+    knowing = DPSGD(max_grad_norm=1.0, noise_multiplier=2.0, seed=0, accountant="rdp", target_delta=1e-5,
+                    allow_mechanism_change=True)
+    _trainer(tmp_path, [knowing], max_steps=5).fit(ToyClassifier(), ToyData(), ckpt_path=tmp_path / "a.ckpt")
+    assert knowing.history == [(1.0, 1 / 6, 3), (2.0, 1 / 6, 2)]
+    assert knowing.get_epsilon() == pytest.approx(_pld((1 / 6, 1.0, 3), (1 / 6, 2.0, 2)), rel=0.25)  # RDP >= PLD
+    assert knowing.get_epsilon() >= _pld((1 / 6, 1.0, 3), (1 / 6, 2.0, 2))
