@@ -257,6 +257,7 @@ class EDM(LightningModule):
         self._fid_real_ready = False
         self._predictions: list[dict[str, Tensor]] = []
         self._predict_path: Path | None = None
+        self._checkpoint_epoch: int | None = None  # `plpriv validate --ckpt_path`: names the grid by its epoch
 
     def _load_init_weights(self, path: str) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -480,7 +481,9 @@ class EDM(LightningModule):
                     correct += int((self._class_scorer(x).argmax(1) == labels).sum())
                     counted += count
         if grid and log_dir is not None:  # kept per validation; logged under one tag (a slider in TensorBoard)
-            save_and_log_images(self.trainer, torch.cat(grid), f"val_samples/epoch{self.current_epoch:04d}",
+            fitting = self.trainer.state.fn == "fit" or self._checkpoint_epoch is None
+            epoch = self.current_epoch if fitting else self._checkpoint_epoch
+            save_and_log_images(self.trainer, torch.cat(grid), f"val_samples/epoch{epoch:04d}",
                                 nrow=self.num_classes or None, directory=log_dir, tag="val_samples")
         if n_fid and self.fid is not None:
             self.log("val/fid", self.fid.compute(), sync_dist=False)
@@ -488,6 +491,9 @@ class EDM(LightningModule):
         if counted:
             acc = torch.tensor(correct / counted, device=self.device)
             self.log("val/sample_acc", acc, sync_dist=True)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_epoch = checkpoint.get("epoch")
 
     # ---------------------------------------------------------------------------------------------- predict ----
     def setup(self, stage: str) -> None:

@@ -1,0 +1,57 @@
+"""`plpriv --help` lists every subcommand, `plpriv SUB --help` opens with plpriv's guidance (the real console script)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+PLPRIV = Path(sys.executable).parent / "plpriv"  # the installed console script
+
+
+def _plpriv(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PLPRIV), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+
+
+def test_top_level_help_lists_every_subcommand_once():
+    result = _plpriv("--help")
+    assert result.returncode == 0, result.stderr
+    expected = set(LightningCLI.subcommands()) | {"audit"}  # Lightning's own and plpriv's runner
+    lines = [line for line in result.stdout.splitlines() if re.match(r"^  \w+  +\S", line)]
+    listed = [line.split()[0] for line in lines]
+    assert sorted(listed) == sorted(expected), result.stdout
+    assert all(len(line) <= 120 for line in lines)  # one line each
+
+
+def test_no_arguments_shows_the_subcommands_and_fails():
+    result = _plpriv()
+    assert result.returncode == 2
+    assert "audit" in result.stdout and "predict" in result.stdout
+
+
+def test_fit_help_starts_with_plpriv_guidance_then_lightning_options():
+    result = _plpriv("fit", "--help")
+    assert result.returncode == 0, result.stderr
+    head, _, rest = result.stdout.partition("Lightning's options follow.")
+    assert head.startswith("plpriv fit:")
+    for pointer in ("recipes/", "-c callbacks/", "--model.help", "--ckpt_path last", "plpriv.modules.EDM",
+                    "plpriv.data.DigitsDataModule", "plpriv.callbacks.DPSGD"):
+        assert pointer in head, pointer
+    assert "--trainer.max_epochs" in rest and "--ckpt_path" in rest
+
+
+def test_predict_help_has_its_own_guidance():
+    result = _plpriv("predict", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("plpriv predict:") and "--ckpt_path" in result.stdout.split("\n\n")[1]
+
+
+def test_the_advertised_model_help_works():
+    result = _plpriv("fit", "--model.help", "plpriv.modules.EDM")
+    assert result.returncode == 0, result.stderr
+    assert "--model.sigma_data" in result.stdout and "--model.init_checkpoint" in result.stdout
