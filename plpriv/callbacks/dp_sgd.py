@@ -52,29 +52,32 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from plpriv.callbacks._dp_training_step import MARK, batch_size_of, wrap_training_step
+from plpriv.callbacks._dp_setup import (
+    budget_dir,
+    check_trainer,
+    checkpoint_dirs,
+    resolve_seed,
+    save_secret,
+    wrap_train_dataloader,
+)
+from plpriv.callbacks._dp_training_step import batch_size_of, wrap_training_step
 from plpriv.privacy.accounting import ACCOUNTANTS, default_delta
 from plpriv.privacy.ledger import EpsilonLedger
 from plpriv.privacy.per_sample import GRAD_SAMPLE_MODES, PerSampleHooks
 from plpriv.privacy.poisson import PoissonDataLoader
-from plpriv.privacy.secret_file import read_secret, secret_path, write_secret
 from plpriv.privacy.validation import check_loss_modules, fix_modules, private_roots, validate_modules
-from plpriv.utils.seeding import derive_seed, fresh_seed
+from plpriv.utils.seeding import derive_seed
 
 __all__ = ["DPSGD", "PRIVACY_RECORD_KEY"]
 
@@ -259,7 +262,7 @@ class DPSGD(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._check_trainer(trainer, pl_module)
+        check_trainer(self, trainer, pl_module)
         if self.seed is not None:
             rank_zero_warn(
                 f"DPSGD(seed={self.seed}): noise and sampling are replayable by anyone who knows the seed (it is in"
@@ -274,88 +277,12 @@ class DPSGD(Callback):
         if self.grad_sample_mode != "ghost":
             check_loss_modules(pl_module)
         if self.poisson_sampling:
-            self._wrap_train_dataloader(trainer)
+            self._restore.append(wrap_train_dataloader(trainer, lambda dl: self._make_poisson_loader(trainer, dl)))
         else:
             rank_zero_warn(
                 "DPSGD(poisson_sampling=False): the train loader's fixed-size batches do not satisfy the Poisson"
                 " sampling the accountant assumes, so the reported epsilon is an approximation, not a guarantee."
             )
-
-    def _check_trainer(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise ValueError(
-                f"DPSGD supports single-device and DDP training, got strategy {type(trainer.strategy).__name__}."
-            )
-        precision = str(trainer.precision)
-        if precision in ("16-mixed", "16") or getattr(trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError(
-                f"DPSGD does not support precision={precision!r}: its GradScaler multiplies the loss, so per-sample"
-                " gradients would be clipped while still scaled. Use precision='bf16-mixed' (no scaler) or '32-true'."
-            )
-        if trainer.gradient_clip_val:
-            raise ValueError(
-                f"DPSGD conflicts with Trainer(gradient_clip_val={trainer.gradient_clip_val!r}): Lightning would clip"
-                " the non-private batch gradient, which DP-SGD discards; DP-SGD clips every per-sample gradient to"
-                " `max_grad_norm` instead. Remove `gradient_clip_val`."
-            )
-        name = type(pl_module).__name__
-        if is_overridden("configure_gradient_clipping", pl_module):
-            rank_zero_warn(f"DPSGD: `{name}.configure_gradient_clipping` sees the non-private gradient; no effect.")
-        if is_overridden("on_before_optimizer_step", pl_module):
-            rank_zero_warn(
-                f"DPSGD: `{name}.on_before_optimizer_step` runs on the NON-private batch gradient (before per-sample"
-                " clipping and noise, which then replace it): logging or using it is not covered by the DP guarantee."
-            )
-        schedulers = [cb for cb in trainer.callbacks if isinstance(cb, GradientAccumulationScheduler)]
-        accumulates = trainer.accumulate_grad_batches != 1 or any(
-            cb.going_to_accumulate_grad_batches() for cb in schedulers
-        )
-        if self.poisson_sampling and accumulates:
-            raise ValueError(
-                f"DPSGD(poisson_sampling=True) conflicts with gradient accumulation (Trainer(accumulate_grad_batches="
-                f"{trainer.accumulate_grad_batches}) or a GradientAccumulationScheduler): every Poisson batch is one"
-                " DP step; accumulating several is not a Poisson sample the accountant models. Use"
-                " DPSGD(max_physical_batch_size=...) to split large logical batches instead, or a larger batch_size."
-            )
-        manual = not pl_module.automatic_optimization
-        if manual and self.max_physical_batch_size is not None:
-            raise ValueError(
-                "DPSGD(max_physical_batch_size=...) needs automatic optimization; with manual optimization split the"
-                " batch yourself (opacus' `signal_skip_step` protocol)."
-            )
-        if manual and self.grad_sample_mode == "ghost":
-            raise ValueError("DPSGD(grad_sample_mode='ghost') needs automatic optimization.")
-
-    def _wrap_train_dataloader(self, trainer: Trainer) -> None:
-        """Make the fit loop's data source return a Poisson loader built from the user's loader.
-
-        The source is the datamodule, else loaders passed to ``fit``, else the module's ``train_dataloader``
-        (Lightning's precedence). Hooks become instance attributes (undone in ``teardown``); loaders passed to
-        ``fit`` are only reachable through the fit loop's data source, replaced for the duration of the fit.
-        """
-        source = getattr(trainer.fit_loop, "_data_source", None)
-        instance = getattr(source, "instance", None)
-        if isinstance(instance, (LightningModule, LightningDataModule)):
-            target, original = instance, instance.train_dataloader
-            if getattr(original, MARK, False):
-                return  # already wrapped (re-entry)
-
-            def train_dataloader() -> Any:
-                return self._make_poisson_loader(trainer, original())
-
-            setattr(train_dataloader, MARK, True)
-            had_own = "train_dataloader" in vars(target)
-            target.train_dataloader = train_dataloader  # type: ignore[method-assign]
-            self._restore.append(
-                (lambda: setattr(target, "train_dataloader", original)) if had_own
-                else (lambda: vars(target).pop("train_dataloader", None))
-            )
-        elif source is not None and instance is not None:
-            original_instance = instance
-            source.instance = self._make_poisson_loader(trainer, instance)
-            self._restore.append(lambda: setattr(source, "instance", original_instance))
-        else:
-            raise ValueError("DPSGD found no train dataloader: pass a datamodule or `train_dataloaders` to `fit`.")
 
     def _make_poisson_loader(self, trainer: Trainer, loader: Any) -> PoissonDataLoader:
         if isinstance(loader, PoissonDataLoader):
@@ -404,7 +331,10 @@ class DPSGD(Callback):
                                      forbid_accumulation=self.poisson_sampling)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._resolve_seed(trainer)
+        if not self.secure_mode:
+            self._seed, self.run_id = resolve_seed(trainer, self.seed, self.run_id)
+            if self.seed is None:
+                self.secret_path = save_secret(trainer, checkpoint_dirs(self, trainer), self.run_id, self._seed)
         if self.poisson_sampling:
             loader = self._loader
             if loader is None or not any(dl is loader for dl in self._flat_train_loaders(trainer)):
@@ -455,46 +385,6 @@ class DPSGD(Callback):
             f"{self.expected_batch_size:g}, delta={self.delta:.3g}, accountant={self.accountant},"
             f" {'Poisson' if self.poisson_sampling else 'fixed-size'} batches, grad_sample_mode={self.grad_sample_mode}."
         )
-
-    def _resolve_seed(self, trainer: Trainer) -> None:
-        """The noise/sampling seed: the user's, else the resumed run's secret file, else fresh OS entropy."""
-        if self.secure_mode:
-            return
-        seed, run_id, warn = self.seed, self.run_id, ""
-        if trainer.is_global_zero and seed is None:
-            ckpt = trainer.ckpt_path
-            if run_id is not None and ckpt:
-                seed = read_secret(os.path.dirname(os.path.abspath(ckpt)), run_id)
-                if seed is None:
-                    warn = (f"DPSGD: no secret file {secret_path(os.path.dirname(os.path.abspath(ckpt)), run_id)}"
-                            " next to the checkpoint: continuing with fresh noise and sampling (accounting unchanged;"
-                            " the resumed run is not bit-identical to an uninterrupted one).")
-            if seed is None:
-                seed, run_id = fresh_seed(), uuid.uuid4().hex
-        if run_id is None:
-            run_id = uuid.uuid4().hex
-        if trainer.world_size > 1:
-            seed, run_id = trainer.strategy.broadcast((seed, run_id), src=0)
-        if warn:
-            rank_zero_warn(warn)
-        self._seed, self.run_id = int(seed), str(run_id)  # type: ignore[arg-type]
-        if self.seed is None and trainer.is_global_zero:
-            for directory in self._checkpoint_dirs(trainer):
-                self.secret_path = str(write_secret(directory, self.run_id, self._seed))
-            if self.secret_path:
-                rank_zero_info(f"DPSGD: the noise and sampling secret is in {self.secret_path} (owner-only; it makes"
-                               " resume exact; never publish it with the checkpoints).")
-
-    def _checkpoint_dirs(self, trainer: Trainer) -> list[str]:
-        dirs = [cb.dirpath for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
-        if self.target_epsilon is not None and self.stop_on_budget:
-            dirs.append(self._budget_dir(trainer))
-        return sorted({os.path.abspath(d) for d in dirs})
-
-    @staticmethod
-    def _budget_dir(trainer: Trainer) -> str:
-        return getattr(trainer.checkpoint_callback, "dirpath", None) or os.path.join(
-            trainer.log_dir or trainer.default_root_dir, "checkpoints")
 
     def _set_rate(self, trainer: Trainer) -> None:
         """q, N and the public divisor B of the loader in use (per Lightning batch)."""
@@ -659,7 +549,7 @@ class DPSGD(Callback):
 
     def _stop_on_budget(self, trainer: Trainer) -> None:
         trainer.should_stop = True
-        path = os.path.join(self._budget_dir(trainer), f"dp-budget-spent-step={self.steps}.ckpt")
+        path = os.path.join(budget_dir(trainer), f"dp-budget-spent-step={self.steps}.ckpt")
         trainer.save_checkpoint(path)
         self.budget_checkpoint_path = path
         rank_zero_warn(

@@ -46,14 +46,14 @@ def test_user_module_trains_privately_from_yaml(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "calibrated noise_multiplier" in proc.stdout and "DPSGD: 6 steps" in proc.stdout
-    rows = list(csv.DictReader(open(tmp_path / "user" / "metrics.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "user" / "dp_sgd" / "metrics.csv")))
     eps = [(int(r["step"]), float(r["dp/epsilon"])) for r in rows if r.get("dp/epsilon")]
     assert len(eps) >= 3 and all(b > a for (_, a), (_, b) in zip(eps, eps[1:]))  # logged, increasing
     assert 0 < eps[-1][1] <= 5.0
     deltas = [float(r["dp/delta"]) for r in rows if r.get("dp/delta")]
     assert deltas and all(math.isclose(d, 48**-1.1, rel_tol=1e-6) for d in deltas)  # target_delta: null -> 1/N^1.1
     assert all(math.isclose(float(r["dp/sample_rate"]), 1 / 6, rel_tol=1e-6) for r in rows if r.get("dp/sample_rate"))
-    assert (tmp_path / "user" / "dp_epsilon.png").is_file()
+    assert (tmp_path / "user" / "dp_sgd" / "dp_epsilon.png").is_file()  # the fragment gives DP runs their own dir
 
 
 @pytest.mark.parametrize(

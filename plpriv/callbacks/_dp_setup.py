@@ -1,0 +1,147 @@
+"""DPSGD's Lightning-side set-up: trainer checks that refuse what cannot be accounted exactly, and the wrapper that
+hands the fit loop a Poisson loader built from the user's loader, and the noise/sampling seed with its secret file."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from plpriv.callbacks._dp_training_step import MARK
+from plpriv.privacy.secret_file import read_secret, secret_path, write_secret
+from plpriv.utils.seeding import fresh_seed
+
+if TYPE_CHECKING:
+    from plpriv.callbacks.dp_sgd import DPSGD
+
+__all__ = ["budget_dir", "check_trainer", "checkpoint_dirs", "resolve_seed", "save_secret", "wrap_train_dataloader"]
+
+
+def check_trainer(dp: DPSGD, trainer: Trainer, pl_module: LightningModule) -> None:
+    """Refuse, before any work, trainer settings whose mechanism DP-SGD cannot account exactly."""
+    if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(
+            f"DPSGD supports single-device and DDP training, got strategy {type(trainer.strategy).__name__}."
+        )
+    precision = str(trainer.precision)
+    if precision in ("16-mixed", "16") or getattr(trainer.precision_plugin, "scaler", None) is not None:
+        raise ValueError(
+            f"DPSGD does not support precision={precision!r}: its GradScaler multiplies the loss, so per-sample"
+            " gradients would be clipped while still scaled. Use precision='bf16-mixed' (no scaler) or '32-true'."
+        )
+    if trainer.gradient_clip_val:
+        raise ValueError(
+            f"DPSGD conflicts with Trainer(gradient_clip_val={trainer.gradient_clip_val!r}): Lightning would clip"
+            " the non-private batch gradient, which DP-SGD discards; DP-SGD clips every per-sample gradient to"
+            " `max_grad_norm` instead. Remove `gradient_clip_val`."
+        )
+    name = type(pl_module).__name__
+    if is_overridden("configure_gradient_clipping", pl_module):
+        rank_zero_warn(f"DPSGD: `{name}.configure_gradient_clipping` sees the non-private gradient; no effect.")
+    if is_overridden("on_before_optimizer_step", pl_module):
+        rank_zero_warn(
+            f"DPSGD: `{name}.on_before_optimizer_step` runs on the NON-private batch gradient (before per-sample"
+            " clipping and noise, which then replace it): logging or using it is not covered by the DP guarantee."
+        )
+    schedulers = [cb for cb in trainer.callbacks if isinstance(cb, GradientAccumulationScheduler)]
+    accumulates = trainer.accumulate_grad_batches != 1 or any(
+        cb.going_to_accumulate_grad_batches() for cb in schedulers
+    )
+    if dp.poisson_sampling and accumulates:
+        raise ValueError(
+            f"DPSGD(poisson_sampling=True) conflicts with gradient accumulation (Trainer(accumulate_grad_batches="
+            f"{trainer.accumulate_grad_batches}) or a GradientAccumulationScheduler): every Poisson batch is one"
+            " DP step; accumulating several is not a Poisson sample the accountant models. Use"
+            " DPSGD(max_physical_batch_size=...) to split large logical batches instead, or a larger batch_size."
+        )
+    manual = not pl_module.automatic_optimization
+    if manual and dp.max_physical_batch_size is not None:
+        raise ValueError(
+            "DPSGD(max_physical_batch_size=...) needs automatic optimization; with manual optimization split the"
+            " batch yourself (opacus' `signal_skip_step` protocol)."
+        )
+    if manual and dp.grad_sample_mode == "ghost":
+        raise ValueError("DPSGD(grad_sample_mode='ghost') needs automatic optimization.")
+
+
+def wrap_train_dataloader(trainer: Trainer, make: Callable[[Any], Any]) -> Callable[[], None]:
+    """Make the fit loop's data source return ``make(user's loader)``; returns the function that undoes it.
+
+    The source is the datamodule, else loaders passed to ``fit``, else the module's ``train_dataloader``
+    (Lightning's precedence). Hooks become instance attributes (undone in ``teardown``); loaders passed to
+    ``fit`` are only reachable through the fit loop's data source, replaced for the duration of the fit.
+    """
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    instance = getattr(source, "instance", None)
+    if isinstance(instance, (LightningModule, LightningDataModule)):
+        target, original = instance, instance.train_dataloader
+        if getattr(original, MARK, False):
+            return lambda: None  # already wrapped (re-entry)
+
+        def train_dataloader() -> Any:
+            return make(original())
+
+        setattr(train_dataloader, MARK, True)
+        had_own = "train_dataloader" in vars(target)
+        target.train_dataloader = train_dataloader  # type: ignore[method-assign]
+        if had_own:
+            return lambda: setattr(target, "train_dataloader", original)
+        return lambda: vars(target).pop("train_dataloader", None)
+    elif source is not None and instance is not None:
+        original_instance = instance
+        source.instance = make(instance)
+        return lambda: setattr(source, "instance", original_instance)
+    raise ValueError("DPSGD found no train dataloader: pass a datamodule or `train_dataloaders` to `fit`.")
+
+
+def resolve_seed(trainer: Trainer, seed: int | None, run_id: str | None) -> tuple[int, str]:
+    """(seed, run id) of this fit: the user's seed, else the resumed run's from the secret file next to the
+    checkpoint, else 128 bits of fresh OS entropy and a new run id (agreed by all ranks)."""
+    warn = ""
+    if trainer.is_global_zero and seed is None:
+        directory = os.path.dirname(os.path.abspath(trainer.ckpt_path)) if trainer.ckpt_path else None
+        if run_id is not None and directory is not None:
+            seed = read_secret(directory, run_id)
+            if seed is None:
+                warn = (f"DPSGD: no secret file {secret_path(directory, run_id)} next to the checkpoint: continuing"
+                        " with fresh noise and sampling (accounting unchanged; the resumed run is not bit-identical"
+                        " to an uninterrupted one).")
+        if seed is None:
+            seed, run_id = fresh_seed(), uuid.uuid4().hex
+    run_id = run_id or uuid.uuid4().hex
+    if trainer.world_size > 1:
+        seed, run_id = trainer.strategy.broadcast((seed, run_id), src=0)
+    if warn:
+        rank_zero_warn(warn)
+    return int(seed), str(run_id)  # type: ignore[arg-type]
+
+
+def save_secret(trainer: Trainer, directories: list[str], run_id: str, seed: int) -> str | None:
+    """Write the secret file into every checkpoint directory (rank zero); returns the last path."""
+    path = None
+    if trainer.is_global_zero:
+        for directory in directories:
+            path = str(write_secret(directory, run_id, seed))
+        if path:
+            rank_zero_info(f"DPSGD: the noise and sampling secret is in {path} (owner-only; it makes resume exact;"
+                           " never publish it with the checkpoints).")
+    return path
+
+
+def checkpoint_dirs(dp: DPSGD, trainer: Trainer) -> list[str]:
+    dirs = [cb.dirpath for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    if dp.target_epsilon is not None and dp.stop_on_budget:
+        dirs.append(budget_dir(trainer))
+    return sorted({os.path.abspath(d) for d in dirs})
+
+
+def budget_dir(trainer: Trainer) -> str:
+    return getattr(trainer.checkpoint_callback, "dirpath", None) or os.path.join(
+        trainer.log_dir or trainer.default_root_dir, "checkpoints")
