@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -161,6 +162,34 @@ class _PrivateCheckpointGuard(Callback):
                 raise PrivateCheckpointError(_refusal(str(trainer.ckpt_path), record))
 
 
+class ResumeCheckpoint(ModelCheckpoint):
+    """``checkpoints/last.ckpt``, rewritten at the end of every ``every_n_epochs``-th epoch (validated or not): where
+    ``--ckpt_path last`` resumes. Lightning's ``save_last`` writes it only when a top-k checkpoint is saved in the
+    same step, i.e. with a monitor at the last improvement. plpriv recipes configure the same with a plain
+    ModelCheckpoint (``filename: last``); PlprivCLI adds this one to a fit whose checkpoints lack it."""
+
+    def __init__(self, every_n_epochs: int = 1, dirpath: str | os.PathLike | None = None) -> None:
+        super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, save_top_k=1,
+                         every_n_epochs=every_n_epochs, save_on_train_epoch_end=True, enable_version_counter=False)
+
+
+def ensure_resume_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:
+    """Add a :class:`ResumeCheckpoint` when checkpointing is on but no ModelCheckpoint writes ``last.ckpt`` by
+    itself (``filename: last``); the others' ``save_last`` is turned off (it would write stale ``last-v1.ckpt``
+    copies). Returns the checkpoint that writes ``last.ckpt``, or None without checkpointing."""
+    checkpoints = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    if not checkpoints:
+        return None
+    for cb in checkpoints:
+        if cb.filename == ModelCheckpoint.CHECKPOINT_NAME_LAST:
+            return cb
+    for cb in checkpoints:
+        cb.save_last = False
+    resume = ResumeCheckpoint()
+    trainer.callbacks.append(resume)  # after every other callback, as Lightning orders checkpoints
+    return resume
+
+
 class _SaveConfig(SaveConfigCallback):
     """The resolved config, saved into the log directory only (none without a logger); a subcommand other than fit
     that was not redirected into its own directory writes ``config_<subcommand>.yaml`` instead of ``config.yaml``."""
@@ -176,7 +205,8 @@ class _SaveConfig(SaveConfigCallback):
 class PlprivCLI(LightningCLI):
     """LightningCLI with plpriv's defaults: any LightningModule / DataModule by ``class_path`` (subclass mode), the
     resolved config saved next to the logs (overwritten when a run is resumed into the same directory), non-fit
-    subcommands logging into their own subdirectory, and private checkpoints only resumed privately."""
+    subcommands logging into their own subdirectory, a ``last.ckpt`` at every epoch end (:func:`ensure_resume_checkpoint`)
+    and private checkpoints only resumed privately."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", _SaveConfig)
@@ -200,8 +230,9 @@ class PlprivCLI(LightningCLI):
                 entry.init_args.sub_dir = self.subcommand
 
     def before_fit(self) -> None:
+        ensure_resume_checkpoint(self.trainer)  # first: `--ckpt_path last` also looks in its directory
         check_private_resume(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
-        self.trainer.callbacks.append(_PrivateCheckpointGuard())
+        self.trainer.callbacks.insert(0, _PrivateCheckpointGuard())
 
 
 def main(args: Sequence[str] | None = None) -> None:

@@ -50,6 +50,8 @@ TINY: dict[str, tuple[list[str], int, int, int]] = {
     "edm/cifar10_uncond.yaml": (_EDM_CIFAR, 10, 20, 1),
     "edm/cifar10_cond_lora.yaml": (_EDM_CIFAR, 10, 20, 1),
     "edm/cifar10_uncond_lora.yaml": (_EDM_CIFAR, 10, 20, 1),
+    "tspn/digits_binary.yaml": (["--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2",
+                                 "--model.init_args.rank", "2", "--data.init_args.batch_size", "20"], 2, 3, 2),
 }
 
 
@@ -133,12 +135,23 @@ def test_recipe_resumes_exactly(recipe: Path, tmp_path, monkeypatch):
             assert resumed[PRIVACY_KEY]["epsilon"] == pytest.approx(full[PRIVACY_KEY]["epsilon"], rel=1e-9)
 
 
-def test_last_checkpoint_is_the_last_epoch_when_the_monitor_never_improves(tmp_path, monkeypatch):
-    """lr 0: val/acc never improves after epoch 0, so the monitored checkpoint stays at epoch 0; last.ckpt must not."""
+@pytest.mark.parametrize("own_last", [True, False], ids=["recipe-last-checkpoint", "cli-default"])
+def test_last_checkpoint_is_the_last_epoch_when_the_monitor_never_improves(own_last: bool, tmp_path, monkeypatch):
+    """lr 0: val/acc never improves after epoch 0, so the monitored checkpoint stays at epoch 0; last.ckpt must not,
+    whether the recipe has its own last-checkpoint callback or only Lightning's `save_last` (the CLI adds one)."""
     monkeypatch.setattr("sys.argv", ["plpriv"])
     monkeypatch.chdir(tmp_path)
     recipe = ROOT / "recipes" / "classifier" / "digits.yaml"
+    if not own_last:  # the recipe as it was: only the monitored checkpoint, with save_last
+        config = yaml.safe_load(recipe.read_text())
+        callbacks = config["trainer"]["callbacks"]
+        config["trainer"]["callbacks"] = [c for c in callbacks if c["init_args"].get("filename") != "last"]
+        assert len(config["trainer"]["callbacks"]) == len(callbacks) - 1
+        config["trainer"]["callbacks"][0]["init_args"]["save_last"] = True
+        recipe = tmp_path / "monitor_only.yaml"
+        recipe.write_text(yaml.safe_dump(config))
     _fit(recipe, tmp_path, *_CLASSIFIER, "--model.init_args.optimizer.init_args.lr", "0")
     (best,) = tmp_path.glob("*/checkpoints/epoch*.ckpt")
     assert best.name.startswith("epoch00-")  # the scenario under test: no improvement after the first epoch
     assert _last(tmp_path)["global_step"] == 3 * 3
+    assert [p.name for p in tmp_path.glob("*/checkpoints/last*.ckpt")] == ["last.ckpt"]  # no stale last-v1.ckpt
