@@ -26,17 +26,13 @@ from plpriv.metrics.fid import FID
 from plpriv.nets.edm_precond import EDMLoss, EDMPrecond
 from plpriv.sampling.edm import StepCallback, edm_sampler
 from plpriv.utils.figures import run_dir, save_and_log_images
+from plpriv.utils.seeding import derive_seed
 
 __all__ = ["EDM", "NonLeakingAugment"]
 
 _SAMPLER_KEYS = frozenset(
     p for p in inspect.signature(edm_sampler).parameters if p not in ("net", "latents", "class_labels", "generator", "callback")
 )
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed that depends on every part (numpy's SeedSequence hashing): e.g. ``(seed, step, rank)``."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 class NonLeakingAugment(nn.Module):
@@ -369,7 +365,7 @@ class EDM(LightningModule):
         """Run a block with the global RNG (dropout, sigma, noise) seeded by ``parts``; restore the RNG afterwards."""
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
-            torch.manual_seed(derived_seed(self.seed, *parts))
+            torch.manual_seed(derive_seed(self.seed, *parts))
             yield
 
     def _labels(self, y: Tensor | None) -> Tensor | None:
@@ -465,7 +461,7 @@ class EDM(LightningModule):
         n_total = max(n_grid, n_fid, self.num_val_samples if self._class_scorer is not None else 0)
         if n_total == 0:
             return
-        generator = torch.Generator(self.device).manual_seed(derived_seed(self.seed, 2, self._rank()))
+        generator = torch.Generator(self.device).manual_seed(derive_seed(self.seed, 2, self._rank()))
         grid, correct, counted = [], 0, 0
         with self.trainer.precision_plugin.forward_context():
             for start in range(0, n_total, self.sample_batch_size):
@@ -524,7 +520,7 @@ class EDM(LightningModule):
             labels = self._labels(labels)
         # One generator per seed (as EDM's generate.py does): an image depends on its seed only, not on batching.
         latents = torch.stack([
-            torch.randn(self.image_shape, generator=torch.Generator().manual_seed(derived_seed(self.seed, 3, int(s))))
+            torch.randn(self.image_shape, generator=torch.Generator().manual_seed(derive_seed(self.seed, 3, int(s))))
             for s in seeds.tolist()
         ]).to(self.device)
         x = self.sample(latents=latents, class_labels=labels)
