@@ -273,3 +273,15 @@ def test_resume_with_another_noise_multiplier_is_refused_unless_allowed(tmp_path
     assert knowing.history == [(1.0, 1 / 6, 3), (2.0, 1 / 6, 2)]
     assert knowing.get_epsilon() == pytest.approx(_pld((1 / 6, 1.0, 3), (1 / 6, 2.0, 2)), rel=0.25)  # RDP >= PLD
     assert knowing.get_epsilon() >= _pld((1 / 6, 1.0, 3), (1 / 6, 2.0, 2))
+
+
+def test_budget_stop_checkpoint_holds_no_seed(tmp_path: Path) -> None:
+    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.2, target_epsilon=_pld((1 / 6, 1.2, 3)) * 1.05,
+               target_delta=1e-5)
+    with pytest.warns(UserWarning, match="stopping after step 3"):
+        _trainer(tmp_path, [dp], max_steps=30).fit(ToyClassifier(), ToyData(n=48, batch_size=8))
+    ckpt = Path(dp.budget_checkpoint_path)
+    seed = read_secret(ckpt.parent, dp.run_id)
+    assert seed is not None
+    data = ckpt.read_bytes()
+    assert str(seed).encode() not in data and seed.to_bytes(16, "little") not in data
