@@ -331,6 +331,12 @@ class DPSGD(Callback):
                                      forbid_accumulation=self.poisson_sampling)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.ckpt_path and self._loaded is None and trainer.global_step > 0 and not self.allow_mechanism_change:
+            raise ValueError(
+                f"DPSGD: {trainer.ckpt_path} was trained for {trainer.global_step} steps without DPSGD; epsilon would"
+                " not cover them. Start from its weights as a new run (no --ckpt_path; e.g. a public pretrained"
+                " model), or set DPSGD(allow_mechanism_change=True) to continue knowingly."
+            )
         if not self.secure_mode:
             self._seed, self.run_id = resolve_seed(trainer, self.seed, self.run_id)
             if self.seed is None:

@@ -285,3 +285,12 @@ def test_budget_stop_checkpoint_holds_no_seed(tmp_path: Path) -> None:
     assert seed is not None
     data = ckpt.read_bytes()
     assert str(seed).encode() not in data and seed.to_bytes(16, "little") not in data
+
+
+def test_resuming_a_non_private_checkpoint_under_dpsgd_is_refused(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, [], max_steps=3)
+    trainer.fit(ToyClassifier(), ToyData())
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    with pytest.raises(ValueError, match="trained for 3 steps without DPSGD"):
+        _trainer(tmp_path, [dp], max_steps=5).fit(ToyClassifier(), ToyData(), ckpt_path=tmp_path / "plain.ckpt")
