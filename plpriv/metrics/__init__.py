@@ -7,3 +7,9 @@ from plpriv.metrics.hessian import (
     log_density_hessian_eigs,
 )
 from plpriv.metrics.replication import ReplicationScore, SSCDFeatures, top1_cosine_similarity
+from plpriv.metrics.idi import (
+    IDIResult,
+    infonce_mutual_information,
+    information_difference_index,
+    layer_mutual_information,
+)
