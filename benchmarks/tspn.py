@@ -3,14 +3,15 @@
 On binarised digits (embedded; or one of the 20 binary benchmarks with ``--dataset NAME --root DIR``) it learns
 
 * ``SPN``            a RAT-SPN (plpriv.nets.RandomSPN) by maximum likelihood (best validation epoch kept);
-* ``tSPN<-SPN r``    a rank-r tSPN fitted to the SPN's outputs on SPN samples (plpriv.nets.distill_to_tspn);
-* ``tSPN data r``    a rank-r tSPN trained on the data directly;
+* ``tSPN<-SPN r``    a rank-r tSPN fitted to the SPN: EM on exact SPN samples (plpriv.nets.distill_to_tspn);
+* ``tSPN data r``    a rank-r tSPN trained on the data directly: EM from the mixture start, then Adam on the NLL
+                     (best validation epoch kept);
 
 and prints test log-likelihood (nats per example), parameter count, compression ratio (SPN parameters / model
 parameters), the relative LL loss against the SPN, and the inference time of log p(x) per 1,000 samples (best of
 ``--repeats``, batch 1,000, ``--threads`` threads). A PNG plots test LL against parameter count.
 
-    python benchmarks/tspn.py                                   # digits, ranks 2 4 8 16 (1 thread: ~3 min)
+    python benchmarks/tspn.py                                   # digits, ranks 4 6 8 16 (1 thread: ~5 min)
     python benchmarks/tspn.py --dataset nltcs --root ~/data/density-estimation --ranks 4 8
 """
 
@@ -36,15 +37,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits")
     p.add_argument("--root", default=None, help="folder of the benchmark's .data files (not for digits)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8, 16])
-    p.add_argument("--spn-depth", type=int, default=3)
-    p.add_argument("--spn-repetitions", type=int, default=10)
+    p.add_argument("--ranks", type=int, nargs="+", default=[4, 6, 8, 16])
+    p.add_argument("--spn-depth", type=int, default=2)
+    p.add_argument("--spn-repetitions", type=int, default=20)
     p.add_argument("--spn-sums", type=int, default=10)
     p.add_argument("--spn-leaves", type=int, default=10)
-    p.add_argument("--spn-epochs", type=int, default=40)
-    p.add_argument("--tspn-epochs", type=int, default=40)
-    p.add_argument("--distill-samples", type=int, default=20000)
-    p.add_argument("--distill-epochs", type=int, default=8)
+    p.add_argument("--spn-epochs", type=int, default=30)
+    p.add_argument("--spn-lr", type=float, default=0.05)
+    p.add_argument("--tspn-em-steps", type=int, default=30)
+    p.add_argument("--tspn-epochs", type=int, default=10)
+    p.add_argument("--tspn-lr", type=float, default=0.01)
+    p.add_argument("--distill-samples", type=int, default=10000)
+    p.add_argument("--distill-em-steps", type=int, default=30)
+    p.add_argument("--distill-epochs", type=int, default=0, help="Adam epochs matching the SPN's outputs after EM")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -87,16 +92,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     start = time.perf_counter()
     spn = RandomSPN(d, 2, args.spn_depth, args.spn_repetitions, args.spn_sums, args.spn_leaves, seed=args.seed)
-    fit_density(spn, train, args.spn_epochs, lr=0.05, val=val, seed=args.seed, progress=bar("SPN"))
+    fit_density(spn, train, args.spn_epochs, lr=args.spn_lr, val=val, seed=args.seed, progress=bar("SPN"))
     record("SPN (RAT-SPN)", spn, time.perf_counter() - start)
     for rank in args.ranks:
         start = time.perf_counter()
-        tspn = distill_to_tspn(spn, rank, args.distill_samples, args.distill_epochs, data=train, seed=args.seed,
-                               progress=bar(f"tSPN<-SPN r={rank}"))
+        tspn = distill_to_tspn(spn, rank, args.distill_samples, args.distill_em_steps, args.distill_epochs,
+                               seed=args.seed, progress=bar(f"tSPN<-SPN r={rank}"))
         record(f"tSPN<-SPN r={rank}", tspn, time.perf_counter() - start)
         start = time.perf_counter()
         tspn = TensorSPN(d, 2, rank, seed=args.seed)
-        fit_density(tspn, train, args.tspn_epochs, lr=0.05, val=val, seed=args.seed, progress=bar(f"tSPN data r={rank}"))
+        for _ in bar(f"tSPN data r={rank} EM")(range(args.tspn_em_steps)):
+            tspn.em_step(train)
+        if args.tspn_epochs:
+            fit_density(tspn, train, args.tspn_epochs, lr=args.tspn_lr, val=val, seed=args.seed,
+                        progress=bar(f"tSPN data r={rank} Adam"))
         record(f"tSPN data r={rank}", tspn, time.perf_counter() - start)
 
     ref = rows[0]
@@ -120,8 +129,7 @@ def save_plot(rows: list[dict], out: Path, dataset: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for prefix, marker in (("SPN", "*"), ("tSPN<-SPN", "o"), ("tSPN data", "s")):
-        pts = [r for r in rows if r["model"].startswith(prefix) and not (prefix == "SPN" and r["model"].startswith("tSPN"))]
-        pts = [r for r in pts if prefix != "SPN" or r is rows[0]]
+        pts = [rows[0]] if prefix == "SPN" else [r for r in rows if r["model"].startswith(prefix)]
         ax.plot([r["params"] for r in pts], [r["test_ll"] for r in pts], marker=marker, label=prefix, ms=9)
     ax.set_xscale("log")
     ax.set_xlabel("parameters")

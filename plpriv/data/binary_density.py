@@ -131,7 +131,8 @@ class BinaryDensityDataModule(ImageDataModule):
         if not root.is_dir():
             raise FileNotFoundError(f"`root` {root} is not a directory (expected {stem}.train.data etc. inside it)")
         base = root / stem if (root / stem / f"{stem}.train.data").is_file() else root
-        return {split: base / f"{stem}.{part}.data" for split, part in (("train", "train"), ("val", "valid"), ("test", "test"))}
+        parts = (("train", "train"), ("val", "valid"), ("test", "test"))
+        return {split: base / f"{stem}.{part}.data" for split, part in parts}
 
     def _build(self) -> None:
         if self.dataset == "digits":

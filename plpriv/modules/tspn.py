@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -33,7 +33,7 @@ class LogLikelihood(Metric):
 
     def update(self, log_prob: Tensor) -> None:
         if log_prob.ndim != 1:
-            raise ValueError(f"`log_prob` must be a 1-d tensor of per-example values, got shape {tuple(log_prob.shape)}")
+            raise ValueError(f"`log_prob` must be a 1-d tensor of per-example values, got {tuple(log_prob.shape)}")
         self.total += log_prob.detach().double().sum()
         self.count += log_prob.numel()
 
@@ -72,8 +72,11 @@ class TSPN(LightningModule):
         num_states: states per variable.
         rank: TT rank (one int, or ``num_vars - 1`` ints).
         parameterization: ``exp`` or ``softplus`` nonnegative cores (see :class:`plpriv.nets.TensorSPN`).
-        init_scale: std of the random initial log cores.
+        init: ``mixture`` or ``random`` initial cores (see :class:`plpriv.nets.TensorSPN`).
+        init_scale: std of the random initial logits.
         init_seed: seed of the initial cores.
+        em_init_steps: full-batch EM steps on the training split before gradient training starts (once per run: a
+            resumed run keeps its restored cores); 0 = pure gradient NLL training.
         optimizer: callable ``params -> Optimizer``.
         lr_scheduler: optional callable ``optimizer -> LRScheduler`` (stepped every epoch).
     """
@@ -84,14 +87,21 @@ class TSPN(LightningModule):
         num_states: int = 2,
         rank: int | Sequence[int] = 8,
         parameterization: Parameterization = "exp",
-        init_scale: float = 0.5,
+        init: Literal["mixture", "random"] = "mixture",
+        init_scale: float = 1.0,
         init_seed: int = 0,
+        em_init_steps: int = 10,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.net = TensorSPN(num_vars, num_states, rank, parameterization, init_scale, seed=init_seed)
+        if not isinstance(em_init_steps, int) or em_init_steps < 0:
+            raise ValueError(f"`em_init_steps` must be an int >= 0, got {em_init_steps!r}")
+        self.net = TensorSPN(num_vars, num_states, rank, parameterization, init, init_scale, seed=init_seed)
+        self.em_init_steps = em_init_steps
+        # persisted flag: the EM initialisation runs once, never again on resume
+        self.register_buffer("em_done", torch.tensor(em_init_steps == 0))
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.val_ll, self.test_ll = LogLikelihood(), LogLikelihood()
@@ -100,6 +110,19 @@ class TSPN(LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         """log p(x), ``[B]``."""
         return self.net.log_prob(x)
+
+    def on_fit_start(self) -> None:
+        if bool(self.em_done):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise ValueError("`em_init_steps` > 0 needs a LightningDataModule (trainer.fit(model, datamodule=...)); "
+                             "set em_init_steps=0 to train from the random cores")
+        x = torch.cat([_states(batch) for batch in datamodule.train_dataloader()]).to(self.device)
+        for _ in range(self.em_init_steps):
+            ll = self.net.em_step(x)
+        self.em_done.fill_(True)
+        self.print(f"TSPN: {self.em_init_steps} EM steps, train log-likelihood {ll:.3f} before the last")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = _states(batch)

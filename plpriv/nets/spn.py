@@ -64,7 +64,8 @@ class RandomSPN(nn.Module):
         channels = num_leaves
         for level in range(1, depth):  # internal sum layers; level `depth` is the root
             count = regions // 2**level
-            self.sum_logits.append(nn.Parameter(0.1 * torch.randn(repetitions, count, num_sums, channels**2, generator=gen)))
+            weights = 0.1 * torch.randn(repetitions, count, num_sums, channels**2, generator=gen)
+            self.sum_logits.append(nn.Parameter(weights))
             channels = num_sums
         self.top_channels = channels
         self.root_logits = nn.Parameter(0.1 * torch.randn(repetitions * channels**2, generator=gen))
@@ -131,12 +132,16 @@ def fit_density(
     val: Tensor | None = None, seed: int = 0, progress: Callable | None = None,
 ) -> float:
     """Maximum likelihood by Adam on mini-batches (``model.log_prob``); keeps the weights of the best validation
-    log-likelihood when ``val`` is given. Returns the best mean validation (or final training) log-likelihood."""
+    log-likelihood (the starting weights included) when ``val`` is given. Returns the best mean validation (or final training) log-likelihood."""
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"`epochs` and `batch_size` must be >= 1, got {epochs!r}, {batch_size!r}")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     best, best_state = -math.inf, None
+    if val is not None:  # the starting point (e.g. after EM) is a candidate too
+        with torch.no_grad():
+            best = model.log_prob(val).mean().item()
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     epochs_iter = progress(range(epochs)) if progress else range(epochs)
     for _ in epochs_iter:
         for batch in torch.randperm(len(data), generator=gen).split(batch_size):
@@ -156,28 +161,39 @@ def fit_density(
 
 
 def distill_to_tspn(
-    spn: RandomSPN, rank: int, num_samples: int = 20000, epochs: int = 20, batch_size: int = 200, lr: float = 0.05,
-    output_weight: float = 1.0, data: Tensor | None = None, seed: int = 0, progress: Callable | None = None,
+    spn: RandomSPN, rank: int, num_samples: int = 20000, em_steps: int = 30, epochs: int = 0, batch_size: int = 200,
+    lr: float = 0.01, output_weight: float = 1.0, data: Tensor | None = None, seed: int = 0,
+    progress: Callable | None = None,
 ) -> TensorSPN:
-    """Map an SPN onto a rank-``rank`` tSPN by fitting the TT to the SPN's outputs on the SPN's own samples.
+    """Map an SPN onto a rank-``rank`` tSPN by fitting the TT to the SPN's own samples and outputs.
 
-    Loss per sample x ~ p_SPN: -log q(x) (so the expectation is KL(p_SPN || q) + const) plus ``output_weight`` times
-    (log q(x) - log p_SPN(x))^2 (match the SPN's outputs; q is normalised, so both are minimised by q = p_SPN).
-    ``data`` (optional) adds the real training rows to the samples. Ko et al. (2020) fit the TT to the SPN's outputs;
-    the nonnegative fitting is plpriv's own (tensorly has no nonnegative TT): Adam on exp-parameterised cores.
+    1. ``em_steps`` EM steps (:meth:`TensorSPN.em_step`) on ``num_samples`` exact SPN samples: maximum likelihood on
+       samples of p_SPN minimises a Monte-Carlo estimate of KL(p_SPN || q).
+    2. ``epochs`` of Adam on -log q(x) + ``output_weight`` (log q(x) - log p_SPN(x))^2 over the same samples (match
+       the SPN's outputs; q is normalised, so both terms are minimised by q = p_SPN).
+
+    ``data`` (optional) adds the real training rows to the samples. Ko et al. (2020) map a valid SPN onto a
+    nonnegative TT; this fitting procedure is plpriv's own, written here because tensorly has no nonnegative TT
+    decomposition (its tensor_train / TT-cross give signed cores).
     """
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"`rank` must be a positive int, got {rank!r}")
+    if em_steps < 0 or epochs < 0 or em_steps + epochs == 0:
+        raise ValueError(f"need em_steps >= 0, epochs >= 0 and at least one step, got {em_steps!r}, {epochs!r}")
     gen = torch.Generator().manual_seed(seed)
     x = spn.sample(num_samples, generator=gen)
     if data is not None:
         x = torch.cat([x, data.long()])
-    with torch.no_grad():
-        target = torch.cat([spn.log_prob(chunk) for chunk in x.split(4096)])
     tspn = TensorSPN(spn.num_vars, spn.num_states, rank, seed=seed)
-    opt = torch.optim.Adam(tspn.parameters(), lr=lr)
-    epochs_iter = progress(range(epochs)) if progress else range(epochs)
-    for _ in epochs_iter:
+    target, opt = None, None
+    for step in progress(range(em_steps + epochs)) if progress else range(em_steps + epochs):
+        if step < em_steps:
+            tspn.em_step(x)
+            continue
+        if opt is None:
+            with torch.no_grad():
+                target = torch.cat([spn.log_prob(chunk) for chunk in x.split(4096)])
+            opt = torch.optim.Adam(tspn.parameters(), lr=lr)
         for batch in torch.randperm(len(x), generator=gen).split(batch_size):
             logq = tspn.log_prob(x[batch])
             loss = -logq.mean() + output_weight * (logq - target[batch]).pow(2).mean()

@@ -13,11 +13,14 @@ by construction. All contractions run in log space (log-sum-exp over the bond in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from tensorly.tt_tensor import TTTensor
 
 Parameterization = Literal["exp", "softplus"]
 
@@ -52,7 +55,12 @@ class TensorSPN(nn.Module):
         num_states: states per variable ``n`` (2 for binary data).
         rank: TT rank, one int for all bonds or ``d - 1`` ints.
         parameterization: ``exp`` (core = exp(theta), so log core = theta) or ``softplus`` (core = softplus(theta)).
-        init_scale: std of the random initial log cores (0 = uniform distribution).
+        init: ``mixture`` (default): near-identity bond transitions, so the chain starts as a mixture of ``r``
+            factorised distributions with random state probabilities (logits of std ``init_scale``), which EM or
+            gradient ascent then couple; ``random``: i.i.d. log cores of std ``init_scale``. From a random start the
+            bond index is mixed away along the chain and long-range correlations are hard to learn.
+        init_scale: std of the random initial logits (0 = uniform distribution).
+        init_mixing: ``mixture`` only: off-diagonal mass of the initial bond transitions.
         seed: seed of the initialisation (``None``: torch's global generator).
 
     Inputs ``x`` are integer states ``[B, d]`` in ``[0, n)``; ``mask`` ``[B, d]`` (or ``[d]``) is True where a variable
@@ -65,7 +73,9 @@ class TensorSPN(nn.Module):
         num_states: int = 2,
         rank: int | Sequence[int] = 8,
         parameterization: Parameterization = "exp",
-        init_scale: float = 0.5,
+        init: Literal["mixture", "random"] = "mixture",
+        init_scale: float = 1.0,
+        init_mixing: float = 0.01,
         seed: int | None = 0,
     ) -> None:
         super().__init__()
@@ -75,8 +85,12 @@ class TensorSPN(nn.Module):
             raise ValueError(f"`num_states` must be an int >= 2, got {num_states!r}")
         if parameterization not in ("exp", "softplus"):
             raise ValueError(f"`parameterization` must be 'exp' or 'softplus', got {parameterization!r}")
+        if init not in ("mixture", "random"):
+            raise ValueError(f"`init` must be 'mixture' or 'random', got {init!r}")
         if init_scale < 0:
             raise ValueError(f"`init_scale` must be >= 0, got {init_scale!r}")
+        if not 0 < init_mixing <= 1:
+            raise ValueError(f"`init_mixing` must be in (0, 1], got {init_mixing!r}")
         self.num_vars = num_vars
         self.num_states = num_states
         self.ranks = _as_ranks(rank, num_vars)
@@ -86,10 +100,23 @@ class TensorSPN(nn.Module):
         for k in range(num_vars):
             shape = (self.ranks[k], num_states, self.ranks[k + 1])
             theta = torch.randn(shape, generator=gen) * init_scale
+            if init == "mixture":
+                theta = self._mixture_log_core(k, init_scale, init_mixing, gen)
             if parameterization == "softplus":  # softplus^{-1}(exp(theta)): the same initial cores as "exp"
                 theta = inverse_softplus(theta.exp())
             cores.append(nn.Parameter(theta))
         self.cores = nn.ParameterList(cores)
+
+    def _mixture_log_core(self, k: int, scale: float, mixing: float, gen: torch.Generator | None) -> Tensor:
+        """log G_k[a, x, c] = log T[a, c] + log q_c(x): near-identity transition T, random state probabilities q."""
+        r_in, r_out = self.ranks[k], self.ranks[k + 1]
+        emit_states = r_out if k < self.num_vars - 1 else r_in
+        q = torch.log_softmax(torch.randn(emit_states, self.num_states, generator=gen) * scale, dim=-1)
+        if k == self.num_vars - 1:  # last core: emission from the incoming bond state
+            return q[:, :, None]
+        eye = (torch.arange(r_in)[:, None] % r_out == torch.arange(r_out)[None]).float()
+        trans = ((1 - mixing) * eye + mixing / r_out).log()  # [r_in, r_out]
+        return trans[:, None, :] + q.T[None]
 
     # -- cores -------------------------------------------------------------------------------------------------
     def log_cores(self) -> list[Tensor]:
@@ -123,7 +150,9 @@ class TensorSPN(nn.Module):
             raise ValueError(f"states must be in [0, {self.num_states}), got values in [{idx.min()}, {idx.max()}]")
         if mask is not None:
             if mask.shape not in (x.shape, (self.num_vars,)):
-                raise ValueError(f"`mask` must have shape {tuple(x.shape)} or ({self.num_vars},), got {tuple(mask.shape)}")
+                raise ValueError(
+                    f"`mask` must have shape {tuple(x.shape)} or ({self.num_vars},), got {tuple(mask.shape)}"
+                )
             idx = torch.where(mask.to(torch.bool).expand_as(idx), idx, torch.full_like(idx, self.num_states))
         return idx
 
@@ -268,8 +297,44 @@ class TensorSPN(nn.Module):
             alpha = log_matvec(alpha, aug[k][out[:, k]])
         return out
 
+    # -- EM fitting -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def em_step(self, x: Tensor, pseudo_count: float = 0.01, chunk: int = 2048) -> float:
+        """One EM (Baum-Welch) step on complete data ``x``; returns the mean log-likelihood before the step.
+
+        The nonnegative TT is a latent chain over the bond indices a_k: with G_1[x_1, a_1] = p(x_1, a_1) and
+        G_k[a_{k-1}, x_k, a_k] = p(x_k, a_k | a_{k-1}) it is normalised (Z = 1), and EM's M-step is
+        G_k[a, x, c] = N_k[a, x, c] / sum_{x', c'} N_k[a, x', c'] with expected counts
+        N_k[a, x, c] = sum_b [x_bk = x] alpha_{k-1}[b, a] G_k[a, x, c] beta_{k+1}[b, c] / P~(x_b) (forward-backward).
+        tensorly has no nonnegative TT fitting, hence this one; the likelihood never decreases (up to
+        ``pseudo_count``, a symmetric Dirichlet prior that keeps every entry positive).
+        """
+        if pseudo_count < 0:
+            raise ValueError(f"`pseudo_count` must be >= 0, got {pseudo_count!r}")
+        aug = self._augmented()
+        log_z = self.log_normalizer().item()
+        counts = [torch.zeros(self.ranks[k], self.num_states, self.ranks[k + 1], dtype=torch.float64,
+                              device=aug[0].device) for k in range(self.num_vars)]
+        total = 0.0
+        idx_all = self._indices(x, None)
+        for idx in idx_all.split(chunk):
+            fwd, bwd = self._forward_messages(idx, aug), self._backward_messages(idx, aug)
+            log_p = fwd[-1][:, 0]
+            total += log_p.double().sum().item()
+            for k in range(self.num_vars):
+                left = fwd[k - 1] if k > 0 else log_p.new_zeros((idx.shape[0], 1))
+                # posterior of (a_{k-1}, a_k) given x_b: [B, r_{k-1}, r_k]
+                post = (left[:, :, None] + aug[k][idx[:, k]] + bwd[k + 1][:, None, :] - log_p[:, None, None]).exp()
+                onehot = F.one_hot(idx[:, k], self.num_states).to(torch.float64)
+                counts[k] += torch.einsum("bac,bx->axc", post.double(), onehot)
+        for theta, n in zip(self.cores, counts):
+            n = n + pseudo_count
+            log_core = (n / n.sum(dim=(1, 2), keepdim=True)).log().to(theta.dtype)
+            theta.copy_(log_core if self.parameterization == "exp" else inverse_softplus(log_core.exp()))
+        return total / len(idx_all) - log_z
+
     # -- tensorly ----------------------------------------------------------------------------------------------
-    def to_tensorly(self, normalize: bool = True):  # -> tensorly.tt_tensor.TTTensor
+    def to_tensorly(self, normalize: bool = True) -> TTTensor:
         """The cores G_k as a tensorly ``TTTensor`` (PyTorch backend); ``normalize`` scales them so the sum is 1."""
         from tensorly.tt_tensor import TTTensor
 
@@ -279,9 +344,10 @@ class TensorSPN(nn.Module):
         return TTTensor(cores)
 
     @classmethod
-    def from_tensorly(cls, tt, parameterization: Parameterization = "exp") -> TensorSPN:
+    def from_tensorly(cls, tt: TTTensor | Sequence[Tensor], parameterization: Parameterization = "exp") -> TensorSPN:
         """A tSPN whose cores are a nonnegative TT (a ``TTTensor`` or a list of ``[r, n, s]`` cores)."""
-        cores = [torch.as_tensor(c, dtype=torch.get_default_dtype()) for c in (tt.factors if hasattr(tt, "factors") else tt)]
+        factors = tt.factors if hasattr(tt, "factors") else tt
+        cores = [torch.as_tensor(c, dtype=torch.get_default_dtype()) for c in factors]
         if len(cores) < 2 or any(c.ndim != 3 for c in cores):
             raise ValueError(f"expected >= 2 TT cores of shape [r, n, s], got shapes {[tuple(c.shape) for c in cores]}")
         states = {c.shape[1] for c in cores}
@@ -290,9 +356,11 @@ class TensorSPN(nn.Module):
         if any((c < 0).any() for c in cores):
             raise ValueError("a tSPN needs nonnegative TT cores; got negative entries (project or refit them)")
         ranks = [c.shape[0] for c in cores[1:]]
-        if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1 or any(a.shape[2] != b.shape[0] for a, b in zip(cores, cores[1:])):
+        chained = all(a.shape[2] == b.shape[0] for a, b in zip(cores, cores[1:]))
+        if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1 or not chained:
             raise ValueError(f"inconsistent TT ranks: core shapes {[tuple(c.shape) for c in cores]}")
-        model = cls(len(cores), states.pop(), ranks, parameterization=parameterization, init_scale=0.0)
+        model = cls(len(cores), states.pop(), ranks, parameterization=parameterization, init="random",
+                    init_scale=0.0)
         tiny = torch.finfo(cores[0].dtype).tiny  # exact zeros become the smallest normal number (log stays finite)
         with torch.no_grad():
             for theta, c in zip(model.cores, cores):
@@ -301,4 +369,5 @@ class TensorSPN(nn.Module):
         return model
 
     def extra_repr(self) -> str:
-        return f"num_vars={self.num_vars}, num_states={self.num_states}, max_rank={max(self.ranks)}, {self.parameterization}"
+        return (f"num_vars={self.num_vars}, num_states={self.num_states}, max_rank={max(self.ranks)}, "
+                f"{self.parameterization}")

@@ -31,13 +31,13 @@ def random_tt(d: int, rank: int, seed: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("parameterization", ["exp", "softplus"])
 def test_all_configurations_sum_to_one(parameterization):
-    model = TensorSPN(10, 2, [2, 3, 4, 5, 4, 3, 2, 2, 3], parameterization, init_scale=1.5, seed=1)
+    model = TensorSPN(10, 2, [2, 3, 4, 5, 4, 3, 2, 2, 3], parameterization, init="random", init_scale=1.5, seed=1)
     total = model.log_prob(all_configs(10)).exp().sum().item()
     assert abs(total - 1.0) < 1e-5
 
 
 def test_log_prob_equals_tensorly_contraction_of_the_cores():
-    model = TensorSPN(8, 2, 3, init_scale=1.0, seed=2)
+    model = TensorSPN(8, 2, 3, init="random", init_scale=1.0, seed=2)
     full = dense([lc.exp() for lc in model.log_cores()])
     expected = (full / full.sum()).reshape(-1)  # itertools order = C order of the full tensor
     assert torch.allclose(model.log_prob(all_configs(8)).exp().double(), expected, atol=1e-6)
@@ -45,7 +45,7 @@ def test_log_prob_equals_tensorly_contraction_of_the_cores():
 
 def test_marginals_and_conditionals_equal_brute_force_sums():
     d = 8
-    model = TensorSPN(d, 2, 3, init_scale=1.2, seed=3)
+    model = TensorSPN(d, 2, 3, init="random", init_scale=1.2, seed=3)
     x = all_configs(d)
     p = model.log_prob(x).exp().double()
     gen = torch.Generator().manual_seed(0)
@@ -72,7 +72,7 @@ def test_marginals_and_conditionals_equal_brute_force_sums():
 
 def test_samples_follow_the_exact_and_the_conditional_distribution():
     d = 6
-    model = TensorSPN(d, 2, 3, init_scale=1.2, seed=4)
+    model = TensorSPN(d, 2, 3, init="random", init_scale=1.2, seed=4)
     p = model.log_prob(all_configs(d)).exp().double()
     weights = 2 ** torch.arange(d - 1, -1, -1)
     s = model.sample(40000, generator=torch.Generator().manual_seed(0))
@@ -90,7 +90,7 @@ def test_samples_follow_the_exact_and_the_conditional_distribution():
 
 def test_mpe_is_the_max_product_over_states_and_bond_indices():
     d, r = 6, 2
-    model = TensorSPN(d, 2, r, init_scale=1.5, seed=5)
+    model = TensorSPN(d, 2, r, init="random", init_scale=1.5, seed=5)
     cores = [lc.exp().detach().double() for lc in model.log_cores()]
     # brute force: max over all x and all bond indices of prod_k G_k[a_{k-1}, x_k, a_k]
     best, best_x = -1.0, None
@@ -103,7 +103,7 @@ def test_mpe_is_the_max_product_over_states_and_bond_indices():
     states, _ = model.mpe()
     assert tuple(states[0].tolist()) == best_x
     # with evidence the observed variables are kept; rank 1 (fully factorised): the MPE is the exact argmax
-    factorised = TensorSPN(d, 2, 1, init_scale=1.5, seed=6)
+    factorised = TensorSPN(d, 2, 1, init="random", init_scale=1.5, seed=6)
     x = torch.tensor([[1, 0, 0, 0, 0, 0]])
     evidence = torch.tensor([1, 0, 0, 0, 0, 0], dtype=torch.bool)
     states, log_p = factorised.mpe(x, evidence)
@@ -113,7 +113,7 @@ def test_mpe_is_the_max_product_over_states_and_bond_indices():
 
 
 def test_tensorly_round_trip_and_planted_tt_import():
-    model = TensorSPN(7, 2, 3, init_scale=1.0, seed=7)
+    model = TensorSPN(7, 2, 3, init="random", init_scale=1.0, seed=7)
     tt = model.to_tensorly()
     full = dense(tt.factors)
     assert full.sum().item() == pytest.approx(1.0, abs=1e-5)
@@ -121,7 +121,8 @@ def test_tensorly_round_trip_and_planted_tt_import():
     planted = random_tt(7, 3, seed=0)
     target = dense(planted)
     imported = TensorSPN.from_tensorly(planted)
-    assert torch.allclose(imported.log_prob(all_configs(7)).exp().double(), (target / target.sum()).reshape(-1), atol=1e-6)
+    expected = (target / target.sum()).reshape(-1)
+    assert torch.allclose(imported.log_prob(all_configs(7)).exp().double(), expected, atol=1e-6)
     with pytest.raises(ValueError, match="nonnegative"):
         TensorSPN.from_tensorly([-c for c in planted])
 
@@ -148,12 +149,16 @@ def test_recovers_a_planted_low_rank_tt_distribution():
     x = all_configs(d)[torch.multinomial(p, 12000, replacement=True, generator=gen)]
     train, test = x[:10000], x[10000:]
     true_ll = p.log()[(test * 2 ** torch.arange(d - 1, -1, -1)).sum(1)].mean().item()
-    model = TensorSPN(d, 2, 2, seed=3)
-    uniform_ll = model.log_prob(test).mean().item()
+    model = TensorSPN(d, 2, 2, init="random", init_scale=0.5, seed=3)
+    initial_ll = model.log_prob(test).mean().item()
     fit_density(model, train, epochs=15, batch_size=200, lr=0.05)
     ll = model.log_prob(test).detach().mean().item()
-    assert true_ll - uniform_ll > 0.3  # the planted distribution is far from the initial model
+    assert true_ll - initial_ll > 0.3  # the planted distribution is far from the initial model
     assert abs(ll - true_ll) < 0.03, (ll, true_ll)
+    em = TensorSPN(d, 2, 2, init="random", init_scale=0.5, seed=4)  # EM from a random start
+    history = [em.em_step(train, pseudo_count=1e-6) for _ in range(40)]
+    assert all(b >= a - 1e-6 for a, b in zip(history, history[1:]))  # EM never lowers the likelihood
+    assert abs(em.log_prob(test).mean().item() - true_ll) < 0.03
 
 
 def test_bad_inputs_are_named():
@@ -166,6 +171,8 @@ def test_bad_inputs_are_named():
         TensorSPN(4, 2, [2, 2])
     with pytest.raises(TypeError, match="rank"):
         TensorSPN(4, 2, 2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bogus"):
+        TensorSPN(4, 2, 2, init="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_vars"):
         RandomSPN(4, depth=3)
 
@@ -197,8 +204,8 @@ def test_distilled_tspn_matches_the_spn():
     with torch.no_grad():
         spn.leaf_logits.mul_(3)
     p = spn.log_prob(all_configs(d)).exp().double()
-    tspn = distill_to_tspn(spn, rank=8, num_samples=8000, epochs=20, seed=0)
+    tspn = distill_to_tspn(spn, rank=8, num_samples=8000, em_steps=30, epochs=2, seed=0)
     q = tspn.log_prob(all_configs(d)).exp().double()
     kl = (p * (p.log() - q.log())).sum().item()
     uniform_kl = (p * (p.log() + d * torch.log(torch.tensor(2.0)))).sum().item()
-    assert uniform_kl > 1.0 and kl < 0.05, (kl, uniform_kl)
+    assert uniform_kl > 1.0 and kl < 0.03, (kl, uniform_kl)
