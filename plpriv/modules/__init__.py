@@ -2,6 +2,8 @@
 
 from plpriv.modules.classifier import ImageClassifier
 from plpriv.modules.edm import EDM
+from plpriv.modules.face_detector import TernaryFaceDetector
 from plpriv.modules.tspn import TSPN
+from plpriv.modules import unlearning  # COLA and the unlearning baselines (plpriv.modules.unlearning.COLA, ...)
 
-__all__ = ["EDM", "ImageClassifier"]
+__all__ = ["EDM", "TernaryFaceDetector", "ImageClassifier"]
