@@ -1,4 +1,4 @@
-"""The ``plpriv`` command: a LightningCLI over recipes (``recipes/*.yaml``) and callback fragments (``callbacks/*.yaml``).
+"""The ``plpriv`` command: a LightningCLI over recipes (``recipes/*.yaml``) and fragments (``callbacks/*.yaml``).
 
 ``plpriv fit -c recipes/A.yaml -c callbacks/B.yaml`` merges the files left to right. Fragments write their callbacks
 under ``trainer.callbacks+`` (jsonargparse's list-append syntax), so they are added to the recipe's own callbacks
@@ -16,7 +16,6 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +35,8 @@ SUBCOMMANDS: dict[str, str] = {
     "audit": "empirical epsilon lower bounds of DP-SGD with canaries (resumable runner, recipes/audit/*.yaml)",
 }
 
-_HELP_CLASS = ("--model.help plpriv.modules.EDM", "a class's arguments (also --data.help CLASS, --trainer.callbacks.help CLASS)")
+_HELP_CLASS = ("--model.help plpriv.modules.EDM",
+               "a class's arguments (also --data.help CLASS, --trainer.callbacks.help CLASS)")
 _EXAMPLES = {
     "fit": (
         ("-c recipes/classifier/digits.yaml", "a recipe (all in recipes/, listed in the README)"),
@@ -67,8 +67,8 @@ def _print_top_level_help() -> None:
     lines = [f"  {name:<{width}}  {line}" for name, line in SUBCOMMANDS.items()]
     print("usage: plpriv {" + ",".join(SUBCOMMANDS) + "} ...\n\nplpriv: privacy-aware training with PyTorch"
           " Lightning, driven by YAML recipes.\n\nsubcommands:\n" + "\n".join(lines)
-          + "\n\n`plpriv SUBCOMMAND --help` shows a subcommand's options; `plpriv fit -c recipes/classifier/digits.yaml`"
-          " trains a digits classifier in ~30 s.")
+          + "\n\n`plpriv SUBCOMMAND --help` shows a subcommand's options;"
+          " `plpriv fit -c recipes/classifier/digits.yaml` trains a digits classifier in ~30 s.")
 
 
 def _print_guidance(sub: str) -> None:
@@ -205,8 +205,8 @@ class _SaveConfig(SaveConfigCallback):
 class PlprivCLI(LightningCLI):
     """LightningCLI with plpriv's defaults: any LightningModule / DataModule by ``class_path`` (subclass mode), the
     resolved config saved next to the logs (overwritten when a run is resumed into the same directory), non-fit
-    subcommands logging into their own subdirectory, a ``last.ckpt`` at every epoch end (:func:`ensure_resume_checkpoint`)
-    and private checkpoints only resumed privately."""
+    subcommands logging into their own subdirectory, a ``last.ckpt`` at every epoch end
+    (:func:`ensure_resume_checkpoint`) and private checkpoints only resumed privately."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", _SaveConfig)

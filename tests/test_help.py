@@ -1,4 +1,4 @@
-"""`plpriv --help` lists every subcommand, `plpriv SUB --help` opens with plpriv's guidance (the real console script)."""
+"""`plpriv --help` lists every subcommand; `plpriv SUB --help` opens with plpriv's guidance (real console script)."""
 
 from __future__ import annotations
 

@@ -59,6 +59,12 @@ def test_refusal_through_the_console_script(tmp_path):
     assert "Epoch 0" not in result.stdout + result.stderr
 
 
+def test_the_key_is_the_one_dpsgd_writes():
+    from plpriv.callbacks import dp_sgd
+
+    assert dp_sgd.PRIVACY_RECORD_KEY == PRIVACY_KEY
+
+
 def test_check_private_resume(tmp_path):
     private = _fake_checkpoint(tmp_path / "private.ckpt", private=True)
     public = _fake_checkpoint(tmp_path / "public.ckpt", private=False)
@@ -78,7 +84,7 @@ def test_guard_sees_the_checkpoint_fit_loads():
     with pytest.raises(PrivateCheckpointError, match="callbacks/dp_sgd.yaml"):
         _PrivateCheckpointGuard().on_load_checkpoint(plain, None, {PRIVACY_KEY: RECORD})
     _PrivateCheckpointGuard().on_load_checkpoint(plain, None, {"state_dict": {}})
-    private = Trainer(logger=False, enable_checkpointing=False, callbacks=[DPSGD(max_grad_norm=1.0, noise_multiplier=1)])
+    private = Trainer(logger=False, enable_checkpointing=False, callbacks=[DPSGD(max_grad_norm=1, noise_multiplier=1)])
     _PrivateCheckpointGuard().on_load_checkpoint(private, None, {PRIVACY_KEY: RECORD})
 
 

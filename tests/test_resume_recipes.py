@@ -36,15 +36,19 @@ _EDM_DIGITS = ["--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2"
                f"{_NET}model_channels", "8", f"{_NET}lora_mlp", "[8]"]
 # 5 fake training images, 1 for validation: one step of 4 per epoch
 _EDM_CIFAR = [*_CPU, "--trainer.benchmark", "false", "--trainer.max_epochs", "20", "--data.init_args.batch_size", "4",
-              "--data.init_args.download", "false", "--data.init_args.num_workers", "0", "--data.init_args.val_fraction",
-              "0.2", "--model.init_args.fid_feature", "null", f"{_NET}model_channels", "8", f"{_NET}channel_mult",
-              "[1, 1]", f"{_NET}num_blocks", "1", f"{_NET}lora_mlp", "[8]"]
+              "--data.init_args.download", "false", "--data.init_args.num_workers", "0",
+              "--data.init_args.val_fraction", "0.2", "--model.init_args.fid_feature", "null",
+              f"{_NET}model_channels", "8", f"{_NET}channel_mult", "[1, 1]", f"{_NET}num_blocks", "1",
+              f"{_NET}lora_mlp", "[8]"]
+# DP recipes draw their noise seed from OS entropy (kept in a secret file that resume reads): two separate runs differ.
+# A fixed seed (DPSGD is the last callback of both DP recipes) makes the uninterrupted run comparable.
+_SEED = ["--trainer.callbacks.init_args.seed", "0"]
 # recipe -> (overrides, epochs before the interruption, total epochs, training steps per epoch)
 TINY: dict[str, tuple[list[str], int, int, int]] = {
     "classifier/digits.yaml": (_CLASSIFIER, 2, 3, 3),
-    "classifier/digits_dp.yaml": (_CLASSIFIER, 2, 3, 3),
+    "classifier/digits_dp.yaml": ([*_CLASSIFIER, *_SEED], 2, 3, 3),
     "edm/digits_lora.yaml": (_EDM_DIGITS, 2, 3, 2),
-    "edm/digits_lora_dp.yaml": (_EDM_DIGITS, 2, 3, 2),
+    "edm/digits_lora_dp.yaml": ([*_EDM_DIGITS, *_SEED], 2, 3, 2),
     # last.ckpt every 10 epochs in these recipes: interrupted after 10 of 20 one-step epochs
     "edm/cifar10_cond.yaml": (_EDM_CIFAR, 10, 20, 1),
     "edm/cifar10_uncond.yaml": (_EDM_CIFAR, 10, 20, 1),
@@ -155,3 +159,20 @@ def test_last_checkpoint_is_the_last_epoch_when_the_monitor_never_improves(own_l
     assert best.name.startswith("epoch00-")  # the scenario under test: no improvement after the first epoch
     assert _last(tmp_path)["global_step"] == 3 * 3
     assert [p.name for p in tmp_path.glob("*/checkpoints/last*.ckpt")] == ["last.ckpt"]  # no stale last-v1.ckpt
+
+
+def test_private_recipe_resumes_its_drawn_seed_with_the_same_accounting(tmp_path, monkeypatch):
+    """As written (noise seed from OS entropy, kept in the secret file beside the checkpoints): the resumed run ends
+    at the same step with the same accounting as an uninterrupted one (whose noise differs, so weights are not
+    compared)."""
+    monkeypatch.setattr("sys.argv", ["plpriv"])
+    monkeypatch.chdir(tmp_path)
+    recipe = ROOT / "recipes" / "classifier" / "digits_dp.yaml"
+    _fit(recipe, tmp_path / "full", *_CLASSIFIER)
+    _fit(recipe, tmp_path / "part", *_CLASSIFIER, "--trainer.callbacks+=_stop.StopAfterEpochs",
+         "--trainer.callbacks.epochs", "2")
+    _fit(recipe, tmp_path / "part", *_CLASSIFIER, "--ckpt_path", "last")
+    full, resumed = _last(tmp_path / "full"), _last(tmp_path / "part")
+    assert resumed["global_step"] == full["global_step"] == 9
+    assert _dp_state(resumed)["accountant"]["history"] == _dp_state(full)["accountant"]["history"]
+    assert resumed[PRIVACY_KEY]["epsilon"] == pytest.approx(full[PRIVACY_KEY]["epsilon"], rel=1e-9)
