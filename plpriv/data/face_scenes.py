@@ -222,7 +222,7 @@ class FaceScenesDataModule(ImageDataModule):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
         lo, hi = face_size
-        if not 4 <= lo <= hi <= image_size:
+        if wider_root is None and not 4 <= lo <= hi <= image_size:
             raise ValueError(f"`face_size` must satisfy 4 <= min <= max <= image_size={image_size}, got {face_size!r}")
         if image_size % (2 * binning):
             raise ValueError(f"`image_size` {image_size} must be divisible by 2 * binning = {2 * binning}")
@@ -257,6 +257,7 @@ class FaceScenesDataModule(ImageDataModule):
         fractions = [self.val_fraction, self.test_fraction]
         face_split = seeded_split(100, fractions, self.seed)
         other_split = seeded_split(100, fractions, self.seed + 1)
+        self.identity_splits = {"faces": face_split, "nonfaces": other_split}  # LFW indices per split (train, val, test)
         backgrounds = _backgrounds()
         for k, (split, n) in enumerate((("train", self.num_train), ("val", self.num_val), ("test", self.num_test))):
             gen = torch.Generator().manual_seed(self.seed * 1000 + k)
