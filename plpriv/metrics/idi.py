@@ -280,7 +280,7 @@ def information_difference_index(
     forget_data: Tensor,
     retain_data: Tensor,
     layers: Sequence[str] | None = None,
-    cache: dict[int, np.ndarray] | None = None,
+    cache: dict[int, tuple[nn.Module, np.ndarray]] | None = None,
     plot: str | Path | None = None,
     **estimator: object,
 ) -> IDIResult:
@@ -295,9 +295,9 @@ def information_difference_index(
     mi: dict[str, np.ndarray] = {}
     for name, model in (("original", original), ("retrain", retrained), ("unlearned", unlearned)):
         key = id(model)
-        if key not in cache:
-            cache[key] = layer_mutual_information(model, forget_data, retain_data, layers, **estimator)[1]  # type: ignore[arg-type]
-        mi[name] = cache[key]
+        if key not in cache or cache[key][0] is not model:  # the model is kept: its id cannot be reused
+            cache[key] = (model, layer_mutual_information(model, forget_data, retain_data, layers, **estimator)[1])  # type: ignore[arg-type]
+        mi[name] = cache[key][1]
     per_trial_id = {k: (v - mi["retrain"]).sum(1) for k, v in mi.items()}  # ID per trial, Jeon et al. Sec. IDI
     id_u, id_o = float(per_trial_id["unlearned"].mean()), float(per_trial_id["original"].mean())
     if abs(id_o) < 1e-12:

@@ -1,0 +1,123 @@
+"""Standard unlearning metrics (SalUn conventions) and the relearn probe of Jeon et al.
+
+UA = 100 - Acc(D_f), RA = Acc(D_r), TA = test accuracy (remaining classes for class-wise forgetting), all in %.
+MIA-Efficacy (Fan et al. 2024 / Jia et al. 2023): an RBF SVC (C=3, gamma="auto") on the confidence p(true label),
+fitted on a shadow set (retain samples: member 1, test samples: non-member 0, balanced), applied to D_f; the
+percentage of D_f predicted non-member. Loss-threshold MIA: the loss threshold that best separates the same shadow
+set, applied to D_f (percentage predicted non-member). Relearn: re-initialise the head, train it alone on a random 2%
+of the training data (D_r u D_f) on frozen features, report the forget accuracy (%), averaged over seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from plpriv.metrics.idi import check_chain, sequential_chain
+
+__all__ = ["average_gap", "loss_threshold_mia", "mia_efficacy", "predict", "relearn_probe", "unlearning_metrics"]
+
+
+@torch.no_grad()
+def predict(net: nn.Module, dataset: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """``(logits, labels)`` of ``net`` on a dataset of ``(x, y, ...)`` items (eval mode, on net's device)."""
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    logits, labels = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        logits.append(net(batch[0].to(device)).float().cpu())
+        labels.append(torch.as_tensor(batch[1]).long())
+    net.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def _balanced(a: np.ndarray, b: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = min(len(a), len(b))
+    return rng.permutation(a)[:n], rng.permutation(b)[:n]
+
+
+def mia_efficacy(conf_retain: np.ndarray, conf_test: np.ndarray, conf_forget: np.ndarray, seed: int = 0) -> float:
+    """% of D_f that an SVC on the confidence feature, fitted on retain (member) vs test (non-member), calls
+    non-member (SalUn's MIA-Efficacy)."""
+    from sklearn.svm import SVC
+
+    members, non_members = _balanced(conf_retain, conf_test, seed)
+    x = np.concatenate([members, non_members])[:, None]
+    y = np.concatenate([np.ones(len(members)), np.zeros(len(non_members))])
+    clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
+    return float(100.0 * (clf.predict(conf_forget[:, None]) == 0).mean())
+
+
+def loss_threshold_mia(loss_retain: np.ndarray, loss_test: np.ndarray, loss_forget: np.ndarray, seed: int = 0) -> float:
+    """% of D_f above the loss threshold (non-member) that best separates retain (low loss) from test (Yeom et al.
+    2018), on the balanced shadow set."""
+    members, non_members = _balanced(loss_retain, loss_test, seed)
+    candidates = np.unique(np.concatenate([members, non_members]))
+    acc = [((members <= t).sum() + (non_members > t).sum()) for t in candidates]
+    threshold = candidates[int(np.argmax(acc))]
+    return float(100.0 * (loss_forget > threshold).mean())
+
+
+def _confidence_and_loss(net: nn.Module, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, float]:
+    logits, y = predict(net, dataset)
+    loss = F.cross_entropy(logits, y, reduction="none")
+    return torch.exp(-loss).numpy(), loss.numpy(), float(100.0 * (logits.argmax(1) == y).float().mean())
+
+
+def unlearning_metrics(net: nn.Module, forget: Dataset, retain: Dataset, test: Dataset, seed: int = 0) -> dict[str, float]:
+    """UA, RA, TA, MIA (MIA-Efficacy) and MIA_loss (loss-threshold), all in %."""
+    conf_f, loss_f, acc_f = _confidence_and_loss(net, forget)
+    conf_r, loss_r, acc_r = _confidence_and_loss(net, retain)
+    conf_t, loss_t, acc_t = _confidence_and_loss(net, test)
+    return {"UA": 100.0 - acc_f, "RA": acc_r, "TA": acc_t, "MIA": mia_efficacy(conf_r, conf_t, conf_f, seed),
+            "MIA_loss": loss_threshold_mia(loss_r, loss_t, loss_f, seed)}
+
+
+def relearn_probe(net: nn.Module, train: Dataset, forget: Dataset, fraction: float = 0.02, seeds: Sequence[int] = (0, 1, 2),
+                  steps: int = 200, lr: float = 0.01) -> float:
+    """Forget accuracy (%) after re-initialising the classifier head and training only it (Adam, full batch, on
+    frozen encoder features) on a random ``fraction`` of ``train``; mean over ``seeds``."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"`fraction` must be in (0, 1], got {fraction!r}")
+    net = getattr(net, "net", net)
+    chain, head = sequential_chain(net)
+    encoder = nn.Sequential(*[m for _, m in chain], nn.Flatten())
+    x_probe = next(iter(DataLoader(forget, batch_size=4)))[0]
+    check_chain(net, chain, head, x_probe.to(next(net.parameters()).device))
+    feats_train, y_train = predict(encoder, train)
+    feats_forget, y_forget = predict(encoder, forget)
+    accs = []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        n = max(2, round(fraction * len(y_train)))
+        idx = torch.randperm(len(y_train), generator=gen)[:n]
+        torch.manual_seed(seed)
+        probe = nn.Linear(feats_train.shape[1], head.out_features)
+        opt = torch.optim.Adam(probe.parameters(), lr=lr)
+        for _ in range(steps):
+            loss = F.cross_entropy(probe(feats_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            accs.append(float(100.0 * (probe(feats_forget).argmax(1) == y_forget).float().mean()))
+    return float(np.mean(accs))
+
+
+def average_gap(metrics: dict[str, float], reference: dict[str, float], keys: Sequence[str] = ("UA", "RA", "TA", "MIA")) -> float:
+    """Avg. Gap = mean_k |metric_k - Retrain's metric_k| (SalUn)."""
+    return float(np.mean([abs(metrics[k] - reference[k]) for k in keys]))
+
+
+def tensor_of(dataset: Dataset, limit: int | None = None) -> Tensor:
+    """The inputs of a dataset as one tensor (IDI's forget / retain data), at most ``limit`` (the first ones)."""
+    if limit is not None:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))  # type: ignore[arg-type]
+    return torch.cat([b[0] for b in DataLoader(dataset, batch_size=512)])
