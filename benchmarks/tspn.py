@@ -109,13 +109,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         record(f"tSPN data r={rank}", tspn, time.perf_counter() - start)
 
     ref = rows[0]
-    print(f"\n| model | params | compression | test LL (nats) | LL loss vs SPN | ms / 1000 samples | speedup | fit s |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = ["| model | params | compression | test LL (nats) | LL loss vs SPN | ms / 1000 samples | speedup | fit s |"]
+    lines.append("|---|---|---|---|---|---|---|---|")
     for row in rows:
         loss = (ref["test_ll"] - row["test_ll"]) / abs(ref["test_ll"])
-        print(f"| {row['model']} | {row['params']:,} | {ref['params'] / row['params']:.1f}x | {row['test_ll']:.3f} | "
-              f"{100 * loss:+.2f}% | {row['ms_per_1000']:.1f} | {ref['ms_per_1000'] / row['ms_per_1000']:.1f}x | "
-              f"{row['fit_s']:.0f} |")
+        lines.append(
+            f"| {row['model']} | {row['params']:,} | {ref['params'] / row['params']:.1f}x | {row['test_ll']:.3f} | "
+            f"{100 * loss:+.2f}% | {row['ms_per_1000']:.1f} | {ref['ms_per_1000'] / row['ms_per_1000']:.1f}x | "
+            f"{row['fit_s']:.0f} |"
+        )
+    print("\n" + "\n".join(lines))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"tspn_{args.dataset}.md").write_text("\n".join(lines) + "\n")
     save_plot(rows, Path(args.out), args.dataset)
     return rows
 
@@ -125,13 +130,17 @@ def save_plot(rows: list[dict], out: Path, dataset: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for prefix, marker in (("SPN", "*"), ("tSPN<-SPN", "o"), ("tSPN data", "s")):
         pts = [rows[0]] if prefix == "SPN" else [r for r in rows if r["model"].startswith(prefix)]
         ax.plot([r["params"] for r in pts], [r["test_ll"] for r in pts], marker=marker, label=prefix, ms=9)
+    ref = rows[0]["test_ll"]
+    ax.axhline(ref - 0.01 * abs(ref), color="grey", ls="--", lw=1, label="SPN - 1%")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("parameters")
     ax.set_ylabel("test log-likelihood (nats)")
     ax.set_title(f"SPN vs tSPN on {dataset}")

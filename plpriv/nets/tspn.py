@@ -311,25 +311,46 @@ class TensorSPN(nn.Module):
         """
         if pseudo_count < 0:
             raise ValueError(f"`pseudo_count` must be >= 0, got {pseudo_count!r}")
-        aug = self._augmented()
         log_z = self.log_normalizer().item()
-        counts = [torch.zeros(self.ranks[k], self.num_states, self.ranks[k + 1], dtype=torch.float64,
-                              device=aug[0].device) for k in range(self.num_vars)]
+        # Linear-space cores with one log shift per core (exact: a constant factor per core rescales P~ and Z
+        # alike); the scaled forward-backward below (Rabiner 1989, eq. 91-95) normalises every message, so nothing
+        # underflows and every step is a plain matrix product over the batch instead of a log-sum-exp.
+        shifts = [lc.amax() for lc in self.log_cores()]
+        cores = [(lc - c).exp() for lc, c in zip(self.log_cores(), shifts)]  # [r, n, s]
+        counts = [torch.zeros_like(c, dtype=torch.float64) for c in cores]
         total = 0.0
         idx_all = self._indices(x, None)
+        tiny = torch.finfo(cores[0].dtype).tiny
+        n = self.num_states
         for idx in idx_all.split(chunk):
-            fwd, bwd = self._forward_messages(idx, aug), self._backward_messages(idx, aug)
-            log_p = fwd[-1][:, 0]
+            b = idx.shape[0]
+            onehots = F.one_hot(idx, n).to(cores[0].dtype)  # [B, d, n]
+            fwd, log_p = [], sum(c.item() for c in shifts)
+            alpha = onehots.new_ones((b, 1))
+            for k in range(self.num_vars):  # alpha_k proportional to G_1[x_1] ... G_k[x_k], rows summing to 1
+                fwd.append(alpha)
+                r, _, s_k = cores[k].shape
+                alpha = ((alpha @ cores[k].reshape(r, n * s_k)).reshape(b, n, s_k) * onehots[:, k, :, None]).sum(1)
+                norm = alpha.sum(-1, keepdim=True).clamp_min(tiny)
+                log_p = log_p + norm[:, 0].log()
+                alpha = alpha / norm
             total += log_p.double().sum().item()
-            for k in range(self.num_vars):
-                left = fwd[k - 1] if k > 0 else log_p.new_zeros((idx.shape[0], 1))
-                # posterior of (a_{k-1}, a_k) given x_b: [B, r_{k-1}, r_k]
-                post = (left[:, :, None] + aug[k][idx[:, k]] + bwd[k + 1][:, None, :] - log_p[:, None, None]).exp()
-                onehot = F.one_hot(idx[:, k], self.num_states).to(torch.float64)
-                counts[k] += torch.einsum("bac,bx->axc", post.double(), onehot)
-        for theta, n in zip(self.cores, counts):
-            n = n + pseudo_count
-            log_core = (n / n.sum(dim=(1, 2), keepdim=True)).log().to(theta.dtype)
+            beta = onehots.new_ones((b, 1))
+            for k in range(self.num_vars - 1, -1, -1):  # beta_{k+1} proportional to G_{k+1}[x] ... G_d[x]
+                r, _, s_k = cores[k].shape
+                # beta_k[b, a] = sum_c G_k[a, x_bk, c] beta_{k+1}[b, c]
+                new_beta = ((beta @ cores[k].permute(2, 1, 0).reshape(s_k, n * r)).reshape(b, n, r)
+                            * onehots[:, k, :, None]).sum(1)
+                # posterior of (a_{k-1}, a_k) | x_b = alpha_{k-1}[a] G_k[a, x_bk, c] beta_{k+1}[c] / w_b, so
+                # N_k[a, x, c] = G_k[a, x, c] sum_b [x_bk = x] alpha_{k-1}[b, a] beta_{k+1}[b, c] / w_b
+                w = (fwd[k] * new_beta).sum(-1, keepdim=True).clamp_min(tiny)
+                left = fwd[k] / w
+                for v in range(n):
+                    counts[k][:, v, :] += (cores[k][:, v, :] * (left.T @ (beta * onehots[:, k, v, None]))).double()
+                beta = new_beta / new_beta.sum(-1, keepdim=True).clamp_min(tiny)
+        for theta, count in zip(self.cores, counts):
+            count = count + pseudo_count
+            log_core = (count / count.sum(dim=(1, 2), keepdim=True)).log().to(theta.dtype)
             theta.copy_(log_core if self.parameterization == "exp" else inverse_softplus(log_core.exp()))
         return total / len(idx_all) - log_z
 
