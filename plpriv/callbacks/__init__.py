@@ -1,2 +1,3 @@
 from plpriv.callbacks.memorization_monitor import MemorizationMonitor
 from plpriv.callbacks.dp_sgd import DPSGD
+from plpriv.callbacks.loyal_mitigation import TimestepSelectiveMitigation
