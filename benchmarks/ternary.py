@@ -10,10 +10,11 @@ ADC). It trains
 * ``full``            every conv ternary + ``--act-bits`` PACT activations, fine-tuned from float, ``--ft-epochs``;
 
 and prints test mAP@0.5 (torchmetrics), the packed model size in bytes (plpriv.export.pack_ternary, 2 bits/weight
-and 5 weights/byte; float: fp32; norms and first/last float convs fp32), the ratio to float, MACs per frame and CPU latency per frame (batch 1, median of
-``--repeats``, ``--threads`` threads) of the model as unpacked from its packed file. Latency runs the ternary weights through PyTorch's dense float convs: it has no
-ternary kernels, so it shows the network's cost, not a ternary speed-up. Boxes on test scenes go to
-``<out>/<variant>.png``, the numbers to ``<out>/results.json``.
+and 5 weights/byte; float: fp32; norms and first/last float convs fp32), the ratio to float, MACs per frame and CPU
+latency per frame (batch 1, median of ``--repeats``, ``--threads`` threads) of the model as unpacked from its packed
+file. Latency runs the ternary weights through PyTorch's dense float convs (no ternary kernels), so it shows the
+network's cost, not a ternary speed-up. Boxes on test scenes go to ``<out>/<variant>.png``, the numbers to
+``<out>/results.json``.
 
     python benchmarks/ternary.py            # 1 thread: ~8 min
 """

@@ -1,7 +1,7 @@
 """Packed storage of ternary models and a per-layer size/compute report.
 
 ``pack_ternary(model, path)`` stores every ternary layer's codes at 2 bits per weight (4 per byte) or 5 weights per
-byte (base 3: 3^5 = 243 <= 256) plus per-channel scales (float32), and every other tensor as float32;
+byte (base 3: 3^5 = 243 <= 256) plus per-channel scales (float32: one alpha for TWN, W_p and W_n for TTQ), and every other tensor as float32;
 ``unpack_ternary(path)`` rebuilds the model (from the stored constructor, or into a given ``model``) with the stored
 ternary weights frozen, so its outputs equal the original's exactly. ``layer_report`` lists parameters, bits, bytes
 and MACs per layer.
@@ -64,16 +64,19 @@ def pack_ternary(model: nn.Module, path: str | os.PathLike, packing: Packing = "
     ternary: dict[str, dict[str, Any]] = {}
     for name, layer in layers.items():
         codes, pos, neg = layer.ternary_state()
+        if layer.mode == "twn":  # one alpha per channel (a channel without +1 or -1 codes has 0 on that side)
+            pos = neg = torch.maximum(pos, neg)
         ternary[name] = {"packed": pack_codes(codes, packing), "shape": list(codes.shape), "scale_pos": pos.float(),
-                         "scale_neg": neg.float(), "kind": "conv" if isinstance(layer, TernaryConv2d) else "linear",
-                         "mode": layer.mode}
+                         "scale_neg": None if layer.mode == "twn" else neg.float(),
+                         "kind": "conv" if isinstance(layer, TernaryConv2d) else "linear", "mode": layer.mode}
     skip = {f"{n}.{k}" for n in layers for k in ("weight", "w_p", "w_n", "frozen_weight")}
     floats = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in skip}
     quantizer = {"fully_quantized": _first_last_ternary(model, layers), "act_bits": _act_bits(model)}
     blob = {"format": FORMAT, "packing": packing, "arch": _arch(model), "quantizer": quantizer, "ternary": ternary,
             "float": floats}
     torch.save(blob, path)
-    payload = sum(t["packed"].numel() + 4 * (t["scale_pos"].numel() + t["scale_neg"].numel()) for t in ternary.values())
+    payload = sum(t["packed"].numel() + 4 * t["scale_pos"].numel() * (1 if t["scale_neg"] is None else 2)
+                  for t in ternary.values())
     payload += sum(v.numel() * v.element_size() for v in floats.values() if v.is_floating_point())
     return {"payload_bytes": int(payload), "file_bytes": Path(path).stat().st_size}
 
@@ -118,7 +121,8 @@ def unpack_ternary(path: str | os.PathLike, model: nn.Module | None = None) -> n
     for name, t in ternary.items():
         numel = int(torch.tensor(t["shape"]).prod())
         codes = unpack_codes(t["packed"], numel, blob["packing"]).view(t["shape"])
-        existing[name].load_ternary(codes, t["scale_pos"], t["scale_neg"])
+        neg = t["scale_pos"] if t["scale_neg"] is None else t["scale_neg"]
+        existing[name].load_ternary(codes, t["scale_pos"], neg)
     return model.eval()
 
 
@@ -150,7 +154,8 @@ def layer_report(model: nn.Module, example: Tensor, packing: Packing = "2bit") -
         ternary = isinstance(m, (TernaryConv2d, TernaryLinear))
         if ternary:
             per = 4 if packing == "2bit" else 5
-            nbytes = -(-n // per) + 4 * 2 * m.weight.shape[0] + 4 * bias
+            scales = 1 if m.mode == "twn" else 2  # TWN: one alpha per channel; TTQ: W_p and W_n
+            nbytes = -(-n // per) + 4 * scales * m.weight.shape[0] + 4 * bias
         else:
             nbytes = 4 * (n + bias)
         counted += n + bias + (sum(p.numel() for p in (getattr(m, "w_p", None), getattr(m, "w_n", None)) if p is not None))
