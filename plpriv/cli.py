@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, str] = {
     "test": "one pass over the test split from a checkpoint (logs into <run dir>/test/)",
     "predict": "predictions from a checkpoint, e.g. EDM samples as PNG grids and .npz (into <run dir>/predict/)",
     "audit": "empirical epsilon lower bounds of DP-SGD with canaries (resumable runner, recipes/audit/*.yaml)",
+    "unlearn": "machine unlearning (COLA and baselines) from a checkpoint, with a report (recipes/unlearning/*.yaml)",
 }
 
 _HELP_CLASS = ("--model.help plpriv.modules.EDM",
@@ -245,6 +246,11 @@ def main(args: Sequence[str] | None = None) -> None:
         from plpriv.runners.audit import main as audit_main
 
         audit_main(argv[1:])
+        return
+    if argv[0] == "unlearn":  # `plpriv unlearn -c recipes/unlearning/...`: the unlearning runner
+        from plpriv.runners.unlearn import main as unlearn_main
+
+        unlearn_main(argv[1:])
         return
     if argv[0] in SUBCOMMANDS and ("-h" in argv or "--help" in argv):
         _print_guidance(argv[0])

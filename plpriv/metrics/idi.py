@@ -296,7 +296,8 @@ def information_difference_index(
     for name, model in (("original", original), ("retrain", retrained), ("unlearned", unlearned)):
         key = id(model)
         if key not in cache or cache[key][0] is not model:  # the model is kept: its id cannot be reused
-            cache[key] = (model, layer_mutual_information(model, forget_data, retain_data, layers, **estimator)[1])  # type: ignore[arg-type]
+            mi_model = layer_mutual_information(model, forget_data, retain_data, layers, **estimator)[1]
+            cache[key] = (model, mi_model)
         mi[name] = cache[key][1]
     per_trial_id = {k: (v - mi["retrain"]).sum(1) for k, v in mi.items()}  # ID per trial, Jeon et al. Sec. IDI
     id_u, id_o = float(per_trial_id["unlearned"].mean()), float(per_trial_id["original"].mean())

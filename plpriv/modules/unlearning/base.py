@@ -109,7 +109,8 @@ class UnlearningModule(LightningModule):
         else:
             gen = torch.Generator().manual_seed(self.hparams.forget_seed)
             mask = torch.zeros(len(labels), dtype=torch.bool)
-            mask[torch.randperm(len(labels), generator=gen)[: max(1, round(self.hparams.forget_fraction * len(labels)))]] = True
+            count = max(1, round(self.hparams.forget_fraction * len(labels)))
+            mask[torch.randperm(len(labels), generator=gen)[:count]] = True
         self.forget_indices = mask.nonzero().flatten().tolist()
         self.retain_indices = (~mask).nonzero().flatten().tolist()
         if not self.forget_indices or not self.retain_indices:

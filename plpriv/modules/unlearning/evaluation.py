@@ -71,7 +71,8 @@ def _confidence_and_loss(net: nn.Module, dataset: Dataset) -> tuple[np.ndarray, 
     return torch.exp(-loss).numpy(), loss.numpy(), float(100.0 * (logits.argmax(1) == y).float().mean())
 
 
-def unlearning_metrics(net: nn.Module, forget: Dataset, retain: Dataset, test: Dataset, seed: int = 0) -> dict[str, float]:
+def unlearning_metrics(net: nn.Module, forget: Dataset, retain: Dataset, test: Dataset,
+                       seed: int = 0) -> dict[str, float]:
     """UA, RA, TA, MIA (MIA-Efficacy) and MIA_loss (loss-threshold), all in %."""
     conf_f, loss_f, acc_f = _confidence_and_loss(net, forget)
     conf_r, loss_r, acc_r = _confidence_and_loss(net, retain)
@@ -80,8 +81,8 @@ def unlearning_metrics(net: nn.Module, forget: Dataset, retain: Dataset, test: D
             "MIA_loss": loss_threshold_mia(loss_r, loss_t, loss_f, seed)}
 
 
-def relearn_probe(net: nn.Module, train: Dataset, forget: Dataset, fraction: float = 0.02, seeds: Sequence[int] = (0, 1, 2),
-                  steps: int = 200, lr: float = 0.01) -> float:
+def relearn_probe(net: nn.Module, train: Dataset, forget: Dataset, fraction: float = 0.02,
+                  seeds: Sequence[int] = (0, 1, 2), steps: int = 100, lr: float = 0.02) -> float:
     """Forget accuracy (%) after re-initialising the classifier head and training only it (Adam, full batch, on
     frozen encoder features) on a random ``fraction`` of ``train``; mean over ``seeds``."""
     if not 0 < fraction <= 1:
@@ -91,18 +92,18 @@ def relearn_probe(net: nn.Module, train: Dataset, forget: Dataset, fraction: flo
     encoder = nn.Sequential(*[m for _, m in chain], nn.Flatten())
     x_probe = next(iter(DataLoader(forget, batch_size=4)))[0]
     check_chain(net, chain, head, x_probe.to(next(net.parameters()).device))
-    feats_train, y_train = predict(encoder, train)
     feats_forget, y_forget = predict(encoder, forget)
     accs = []
     for seed in seeds:
         gen = torch.Generator().manual_seed(seed)
-        n = max(2, round(fraction * len(y_train)))
-        idx = torch.randperm(len(y_train), generator=gen)[:n]
+        n = max(2, round(fraction * len(train)))  # type: ignore[arg-type]
+        idx = torch.randperm(len(train), generator=gen)[:n].tolist()  # type: ignore[arg-type]
+        feats, labels = predict(encoder, Subset(train, idx))
         torch.manual_seed(seed)
-        probe = nn.Linear(feats_train.shape[1], head.out_features)
+        probe = nn.Linear(feats.shape[1], head.out_features)
         opt = torch.optim.Adam(probe.parameters(), lr=lr)
         for _ in range(steps):
-            loss = F.cross_entropy(probe(feats_train[idx]), y_train[idx])
+            loss = F.cross_entropy(probe(feats), labels)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -111,7 +112,8 @@ def relearn_probe(net: nn.Module, train: Dataset, forget: Dataset, fraction: flo
     return float(np.mean(accs))
 
 
-def average_gap(metrics: dict[str, float], reference: dict[str, float], keys: Sequence[str] = ("UA", "RA", "TA", "MIA")) -> float:
+def average_gap(metrics: dict[str, float], reference: dict[str, float],
+                keys: Sequence[str] = ("UA", "RA", "TA", "MIA")) -> float:
     """Avg. Gap = mean_k |metric_k - Retrain's metric_k| (SalUn)."""
     return float(np.mean([abs(metrics[k] - reference[k]) for k in keys]))
 
