@@ -55,12 +55,11 @@ _EXAMPLES = {
 
 
 def _classes(package: str, base: type) -> str:
-    """The public ``base`` subclasses ``package`` exports, leaves only (``ImageDataModule`` is a base, not listed)."""
+    """The public ``base`` subclasses ``package`` exports, without shared base classes (kept in ``*.base`` modules)."""
     module = importlib.import_module(package)
     found = [c for n, c in vars(module).items() if not n.startswith("_") and isinstance(c, type)
-             and issubclass(c, base) and c is not base]
-    leaves = [c for c in found if not any(o is not c and issubclass(o, c) for o in found)]
-    return ", ".join(sorted(f"{package}.{c.__name__}" for c in leaves))
+             and issubclass(c, base) and c is not base and not c.__module__.endswith(".base")]
+    return ", ".join(sorted(f"{package}.{c.__name__}" for c in found))
 
 
 def _print_top_level_help() -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from _helpers import ROOT
+
 PLPRIV = Path(sys.executable).parent / "plpriv"  # the installed console script
 
 
@@ -21,7 +23,8 @@ def _plpriv(*args: str) -> subprocess.CompletedProcess:
 def test_top_level_help_lists_every_subcommand_once():
     result = _plpriv("--help")
     assert result.returncode == 0, result.stderr
-    expected = set(LightningCLI.subcommands()) | {"audit"}  # Lightning's own and plpriv's runner
+    runners = {p.stem for p in (ROOT / "plpriv" / "runners").glob("*.py") if "_" not in p.stem}  # audit, unlearn, ...
+    expected = set(LightningCLI.subcommands()) | runners  # Lightning's own and plpriv's runners
     lines = [line for line in result.stdout.splitlines() if re.match(r"^  \w+  +\S", line)]
     listed = [line.split()[0] for line in lines]
     assert sorted(listed) == sorted(expected), result.stdout

@@ -39,6 +39,9 @@ _EDM_CIFAR = [*_CPU, "--trainer.benchmark", "false", "--trainer.max_epochs", "20
               "--data.init_args.val_fraction", "0.2", "--model.init_args.fid_feature", "null",
               f"{_NET}model_channels", "8", f"{_NET}channel_mult", "[1, 1]", f"{_NET}num_blocks", "1",
               f"{_NET}lora_mlp", "[8]"]
+_DETECTOR = ["--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+             "--data.init_args.batch_size", "4", "--data.init_args.num_train", "16", "--data.init_args.num_val", "4",
+             "--data.init_args.num_test", "4", "--model.init_args.widths", "[4, 4, 8, 8, 8]"]
 # DP recipes draw their noise seed from OS entropy (kept in a secret file that resume reads): two separate runs differ.
 # A fixed seed (DPSGD is the last callback of both DP recipes) makes the uninterrupted run comparable.
 _SEED = ["--trainer.callbacks.init_args.seed", "0"]
@@ -55,6 +58,10 @@ TINY: dict[str, tuple[list[str], int, int, int]] = {
     "edm/cifar10_uncond_lora.yaml": (_EDM_CIFAR, 10, 20, 1),
     "tspn/digits_binary.yaml": (["--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2",
                                  "--model.init_args.rank", "2", "--data.init_args.batch_size", "20"], 2, 3, 2),
+    "loyal/digits_duplicated.yaml": (["--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2",
+                                      "--data.init_args.batch_size", "8", f"{_NET}model_channels", "8"], 2, 3, 2),
+    "detector/faces_raw_float.yaml": (_DETECTOR, 2, 3, 2),
+    "detector/faces_raw_ternary.yaml": (_DETECTOR, 2, 3, 2),
 }
 
 
