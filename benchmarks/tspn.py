@@ -11,7 +11,7 @@ and prints test log-likelihood (nats per example), parameter count, compression 
 parameters), the relative LL loss against the SPN, and the inference time of log p(x) per 1,000 samples (best of
 ``--repeats``, batch 1,000, ``--threads`` threads). A PNG plots test LL against parameter count.
 
-    python benchmarks/tspn.py                                   # digits, ranks 4 6 8 16 (1 thread: ~5 min)
+    python benchmarks/tspn.py        # digits, ranks 4 6 8 16 (1 thread: ~8 min on a busy 2-core CPU)
     python benchmarks/tspn.py --dataset nltcs --root ~/data/density-estimation --ranks 4 8
 """
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-samples", type=int, default=10000)
     p.add_argument("--distill-em-steps", type=int, default=30)
     p.add_argument("--distill-epochs", type=int, default=0, help="Adam epochs matching the SPN's outputs after EM")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/benchmarks/tspn")
@@ -62,17 +62,20 @@ def mean_ll(model: torch.nn.Module, x: torch.Tensor) -> float:
         return torch.cat([model.log_prob(chunk) for chunk in x.split(1000)]).mean().item()
 
 
-def time_per_1000(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Best-of-``repeats`` wall time (ms) of log p on a batch of 1,000 rows (the minimum: robust on a shared CPU)."""
+def time_per_1000(models: list[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
+    """Best-of-``repeats`` wall time (ms) of log p on a batch of 1,000 rows for every model. The models take turns
+    in each round, so a load change on a shared CPU hits them alike; the minimum is the least disturbed run."""
     batch = x[torch.arange(1000) % len(x)]
-    times = []
+    times = [[] for _ in models]
     with torch.no_grad():
-        model.log_prob(batch)  # warm-up
+        for model in models:
+            model.log_prob(batch)  # warm-up
         for _ in range(repeats):
-            start = time.perf_counter()
-            model.log_prob(batch)
-            times.append(time.perf_counter() - start)
-    return 1000 * min(times)
+            for model, record in zip(models, times):
+                start = time.perf_counter()
+                model.log_prob(batch)
+                record.append(time.perf_counter() - start)
+    return [1000 * min(t) for t in times]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -85,10 +88,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{args.dataset}: d={d}, train/val/test = {len(train)}/{len(val)}/{len(test)}", flush=True)
     bar = lambda desc: (lambda it: tqdm(it, desc=desc, leave=False))  # noqa: E731
     rows: list[dict] = []
+    models: list[torch.nn.Module] = []
 
     def record(name: str, model: torch.nn.Module, seconds: float) -> None:
+        models.append(model)
         rows.append({"model": name, "params": model.num_parameters(), "test_ll": mean_ll(model, test),
-                     "ms_per_1000": time_per_1000(model, test, args.repeats), "fit_s": seconds})
+                     "fit_s": seconds})
 
     start = time.perf_counter()
     spn = RandomSPN(d, 2, args.spn_depth, args.spn_repetitions, args.spn_sums, args.spn_leaves, seed=args.seed)
@@ -108,6 +113,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         progress=bar(f"tSPN data r={rank} Adam"))
         record(f"tSPN data r={rank}", tspn, time.perf_counter() - start)
 
+    for row, ms in zip(rows, time_per_1000(models, test, args.repeats)):
+        row["ms_per_1000"] = ms
     ref = rows[0]
     lines = ["| model | params | compression | test LL (nats) | LL loss vs SPN | ms / 1000 samples | speedup | fit s |"]
     lines.append("|---|---|---|---|---|---|---|---|")

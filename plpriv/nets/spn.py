@@ -132,7 +132,8 @@ def fit_density(
     val: Tensor | None = None, seed: int = 0, progress: Callable | None = None,
 ) -> float:
     """Maximum likelihood by Adam on mini-batches (``model.log_prob``); keeps the weights of the best validation
-    log-likelihood (the starting weights included) when ``val`` is given. Returns the best mean validation (or final training) log-likelihood."""
+    log-likelihood (the starting weights included) when ``val`` is given. Returns the best mean validation (or the
+    best per-epoch training) log-likelihood."""
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"`epochs` and `batch_size` must be >= 1, got {epochs!r}, {batch_size!r}")
     opt = torch.optim.Adam(model.parameters(), lr=lr)

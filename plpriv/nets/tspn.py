@@ -313,8 +313,8 @@ class TensorSPN(nn.Module):
             raise ValueError(f"`pseudo_count` must be >= 0, got {pseudo_count!r}")
         log_z = self.log_normalizer().item()
         # Linear-space cores with one log shift per core (exact: a constant factor per core rescales P~ and Z
-        # alike); the scaled forward-backward below (Rabiner 1989, eq. 91-95) normalises every message, so nothing
-        # underflows and every step is a plain matrix product over the batch instead of a log-sum-exp.
+        # alike); the scaled forward-backward below (Rabiner 1989, Sec. V-A, scaling) normalises every message, so
+        # nothing underflows and every step is a plain matrix product over the batch instead of a log-sum-exp.
         shifts = [lc.amax() for lc in self.log_cores()]
         cores = [(lc - c).exp() for lc, c in zip(self.log_cores(), shifts)]  # [r, n, s]
         counts = [torch.zeros_like(c, dtype=torch.float64) for c in cores]

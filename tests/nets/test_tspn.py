@@ -146,12 +146,12 @@ def test_recovers_a_planted_low_rank_tt_distribution():
     planted = dense(random_tt(d, 2, seed=1)).reshape(-1)
     p = planted / planted.sum()
     gen = torch.Generator().manual_seed(2)
-    x = all_configs(d)[torch.multinomial(p, 12000, replacement=True, generator=gen)]
-    train, test = x[:10000], x[10000:]
+    x = all_configs(d)[torch.multinomial(p, 10000, replacement=True, generator=gen)]
+    train, test = x[:8000], x[8000:]
     true_ll = p.log()[(test * 2 ** torch.arange(d - 1, -1, -1)).sum(1)].mean().item()
     model = TensorSPN(d, 2, 2, init="random", init_scale=0.5, seed=3)
     initial_ll = model.log_prob(test).mean().item()
-    fit_density(model, train, epochs=15, batch_size=200, lr=0.05)
+    fit_density(model, train, epochs=8, batch_size=400, lr=0.1)
     ll = model.log_prob(test).detach().mean().item()
     assert true_ll - initial_ll > 0.3  # the planted distribution is far from the initial model
     assert abs(ll - true_ll) < 0.03, (ll, true_ll)
