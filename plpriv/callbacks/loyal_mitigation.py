@@ -22,7 +22,7 @@ __all__ = ["TimestepSelectiveMitigation"]
 def _skip_network(denoiser: nn.Module) -> nn.Module | None:
     """The U-Net inside a denoiser: a plpriv SongUNet, or a diffusers UNet2DModel (found by class name)."""
     for m in denoiser.modules():
-        if isinstance(m, SongUNet) or type(m).__name__ == "UNet2DModel":
+        if isinstance(m, SongUNet) or type(m).__name__ in ("UNet2DModel", "UNet2DConditionModel"):
             return m
     return None
 

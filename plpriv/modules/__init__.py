@@ -2,9 +2,9 @@
 
 from plpriv.modules.classifier import ImageClassifier
 from plpriv.modules.edm import EDM
-from plpriv.modules.loyal import LoyalDiffusion
+from plpriv.modules.loyal import LoyalDiffusion, LoyalStableDiffusion
 from plpriv.modules.face_detector import TernaryFaceDetector
 from plpriv.modules.tspn import TSPN
 from plpriv.modules import unlearning  # COLA and the unlearning baselines (plpriv.modules.unlearning.COLA, ...)
 
-__all__ = ["EDM", "LoyalDiffusion", "TernaryFaceDetector", "ImageClassifier"]
+__all__ = ["EDM", "LoyalDiffusion", "LoyalStableDiffusion", "TernaryFaceDetector", "ImageClassifier"]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -16,7 +17,7 @@ from plpriv.nets.edm_precond import EDMPrecond
 from plpriv.nets.itb import ITB_KINDS, install_itbs, sigma_from_timestep_fraction
 from plpriv.nets.raunet import SigmaRoutedUNet
 
-__all__ = ["LoyalDiffusion"]
+__all__ = ["LoyalDiffusion", "LoyalStableDiffusion"]
 
 
 def _load_base(net: nn.Module, path: str) -> None:
@@ -140,3 +141,99 @@ class LoyalDiffusion(EDM):
         self.log("train/loss", (loss_plain.mean() + loss_rau.mean()) / 2, prog_bar=True, batch_size=n)
         dims = tuple(range(1, loss_plain.ndim))
         return (loss_plain.sum(dim=dims) + loss_rau.sum(dim=dims)).mean()  # two EDM losses (sum pixels, mean images)
+
+
+_SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class LoyalStableDiffusion(LightningModule):
+    """LoyalDiffusion's own setting: fine-tune a Stable Diffusion (diffusers format) UNet pair on an image folder.
+
+    The plain ``UNet2DConditionModel`` is trained on DDPM timesteps ``t < timestep_threshold``, the RAU-Net (its copy
+    with ITBs on the up blocks of ``rau_levels``; SD 2.1's SC3/SC4 are levels 2 and 3) on ``t >= timestep_threshold``;
+    the VAE and text encoder are frozen. Captions: ``prompt_template`` filled with the folder's class name. The
+    paper: SD 2.1, 512 px, batch 1, lr 5e-6 with 5000 warm-up steps, 100k steps per stage, fp16. Needs ``diffusers``
+    and ``transformers`` and the weights at ``pretrained_path`` (a diffusers directory with unet/, vae/,
+    text_encoder/, tokenizer/, scheduler/, e.g. a local copy of stabilityai/stable-diffusion-2-1). Not run in plpriv's
+    tests (no weights, no diffusers there): only its argument checks are.
+    """
+
+    def __init__(
+        self,
+        pretrained_path: str,
+        timestep_threshold: int = 500,
+        rau_levels: Sequence[int] = (2, 3),
+        itb: str = "conv3x3",
+        lr: float = 5e-6,
+        warmup_steps: int = 5000,
+        prompt_template: str = "a photo of {}",
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if itb not in ITB_KINDS:
+            raise ValueError(f"unknown itb {itb!r}; choose one of {list(ITB_KINDS)}")
+        from pathlib import Path
+
+        root = Path(pretrained_path)
+        missing = [p for p in _SD_PARTS if not (root / p).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"LoyalStableDiffusion: no Stable Diffusion weights at pretrained_path={pretrained_path!r} (missing "
+                f"{missing}); it needs a diffusers directory with {list(_SD_PARTS)}, e.g. "
+                "`huggingface-cli download stabilityai/stable-diffusion-2-1 --local-dir <path>` on a machine with "
+                "internet, then --model.init_args.pretrained_path <path>")
+        try:
+            from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+            from transformers import AutoTokenizer, CLIPTextModel
+        except ImportError as err:
+            raise ImportError("LoyalStableDiffusion needs `diffusers` and `transformers`: "
+                              "python -m pip install diffusers transformers") from err
+        from plpriv.nets.itb import install_itbs_diffusers
+
+        self.save_hyperparameters()
+        self.scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
+        if not 0 < timestep_threshold < self.scheduler.config.num_train_timesteps:
+            raise ValueError(f"timestep_threshold must be in (0, {self.scheduler.config.num_train_timesteps}), "
+                             f"got {timestep_threshold}")
+        self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder").requires_grad_(False)
+        self.vae = AutoencoderKL.from_pretrained(root / "vae").requires_grad_(False)
+        self.unet = UNet2DConditionModel.from_pretrained(root / "unet")
+        self.rau_unet = copy.deepcopy(self.unet)  # same base weights
+        install_itbs_diffusers(self.rau_unet, rau_levels, itb)
+        self.timestep_threshold = int(timestep_threshold)
+        self.lr, self.warmup_steps = float(lr), int(warmup_steps)
+        self.prompt_template = prompt_template
+        self.class_names = list(class_names) if class_names is not None else None
+
+    def _prompts(self, labels: Tensor) -> list[str]:
+        names = self.class_names or getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+        return [self.prompt_template.format(names[int(i)] if names else int(i)) for i in labels]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels = batch[0], batch[1]
+        with torch.no_grad():
+            latents = self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+            ids = self.tokenizer(self._prompts(labels), padding="max_length", truncation=True, return_tensors="pt",
+                                 max_length=self.tokenizer.model_max_length).input_ids.to(self.device)
+            text = self.text_encoder(ids)[0]
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
+        noise = torch.randn_like(latents)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        target = (self.scheduler.get_velocity(latents, noise, t)
+                  if self.scheduler.config.prediction_type == "v_prediction" else noise)
+        high = t >= self.timestep_threshold  # the paper: RAU-Net for t >= tau, plain U-Net below
+        pred = torch.zeros_like(target)
+        for net, sel in ((self.rau_unet, high), (self.unet, ~high)):
+            if bool(sel.any()):  # batch 1 in the paper: one network per step
+                pred[sel] = net(noisy[sel], t[sel], text[sel]).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in (*self.unet.parameters(), *self.rau_unet.parameters()) if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr)
+        warmup = lambda step: min((step + 1) / max(self.warmup_steps, 1), 1.0)  # noqa: E731  linear warm-up
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, warmup), "interval": "step"}}

@@ -220,16 +220,23 @@ class _DiffusersUpHook(nn.Module):
         super().__init__()
         self.skips = nn.ModuleList(SkipITB(itb, c) for c in channels)
 
-    def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        res = tuple(args[1])
+    def pre_hook(self, module: nn.Module, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        # UNet2DModel passes the skips positionally, UNet2DConditionModel as `res_hidden_states_tuple=`.
+        keyword = "res_hidden_states_tuple" in kwargs
+        res = tuple(kwargs["res_hidden_states_tuple"] if keyword else args[1])
         if len(res) != len(self.skips):
             raise ValueError(f"up block got {len(res)} skip tensors, ITBs were built for {len(self.skips)}")
-        return (args[0], tuple(s.transfer(r) for s, r in zip(self.skips, res)), *args[2:])
+        res = tuple(s.transfer(r) for s, r in zip(self.skips, res))
+        if keyword:
+            return args, {**kwargs, "res_hidden_states_tuple": res}
+        return (args[0], res, *args[2:]), kwargs
 
 
 def install_itbs_diffusers(unet: nn.Module, rau_levels: Sequence[int] | None = None, itb: str = "conv3x3",
                            requires_grad: bool = True) -> nn.ModuleDict:
-    """The same for a diffusers ``UNet2DModel`` (``up_blocks`` called as ``block(sample, res_samples, temb, ...)``):
+    """The same for a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (Stable Diffusion; skips reach the up
+    blocks positionally or as ``res_hidden_states_tuple=``):
     ITBs on every skip tensor handed to the up blocks of the chosen levels (0 = full resolution). Registered as
     ``unet.itb``. Untested here (diffusers is not installed in plpriv's test environment)."""
     _check_kind(itb)
@@ -250,7 +257,7 @@ def install_itbs_diffusers(unet: nn.Module, rau_levels: Sequence[int] | None = N
         level = n - 1 - i
         if level in levels:
             hooks[str(i)] = _DiffusersUpHook(itb, channels)
-            block.register_forward_pre_hook(hooks[str(i)].pre_hook)
+            block.register_forward_pre_hook(hooks[str(i)].pre_hook, with_kwargs=True)
     unet.itb = hooks
     hooks.requires_grad_(requires_grad)
     return hooks
