@@ -32,13 +32,13 @@ BACKBONE = {"backbone": "resnet18", "backbone_kwargs": {"channels": [16, 32, 64,
 SETTINGS: dict[str, dict[str, Any]] = {
     "Retrain": {"epochs": 15, "lr": 0.01},
     "FT": {"epochs": 5, "lr": 0.03},
-    "GA": {"epochs": 3, "lr": 5e-4},
+    "GA": {"epochs": 3, "lr": 4e-4},
     "RL": {"epochs": 3, "lr": 0.01},
     "l1-sparse": {"epochs": 5, "lr": 0.03, "gamma": 5e-4},
     "SalUn": {"epochs": 3, "lr": 0.01, "keep": 0.5},
     "SCRUB": {"epochs": 4, "lr": 0.01, "max_epochs": 2},
     "HD": {"epochs": 4, "lr": 0.01},
-    "COLA": {"epochs": 6, "collapse_epochs": 3, "lr": 0.01},
+    "COLA": {"epochs": 10, "collapse_epochs": 8, "lr": 0.05},
 }
 
 
