@@ -1,3 +1,4 @@
 from plpriv.callbacks.memorization_monitor import MemorizationMonitor
 from plpriv.callbacks.dp_sgd import DPSGD
 from plpriv.callbacks.loyal_mitigation import TimestepSelectiveMitigation
+from plpriv.callbacks.sparsified_gaussian import SparsifiedGaussian

@@ -3,12 +3,14 @@
 from plpriv.data.base import EpochSeededRandomSampler, ImageDataModule
 from plpriv.data.binary_density import BinaryDensityDataModule
 from plpriv.data.embedded import DigitsDataModule, LFWFacesDataModule
+from plpriv.data.federated import FederatedDigits
 from plpriv.data.face_scenes import FaceScenesDataModule
 from plpriv.data.files import ImageFolderDataModule, TorchvisionDataModule
 
 __all__ = [
     "DigitsDataModule",
     "EpochSeededRandomSampler",
+    "FederatedDigits",
     "FaceScenesDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",

@@ -18,3 +18,4 @@ from plpriv.privacy.per_sample import PerSampleHooks
 from plpriv.privacy.poisson import sampler_support
 from plpriv.privacy.secret_file import read_secret, secret_path, write_secret
 from plpriv.privacy.validation import check_loss_modules, fix_modules, private_roots, validate_modules
+from plpriv.privacy.sparsified_gaussian import SparsifiedGaussianAccountant, SparsifiedGaussianMechanism, sparsified_gaussian_epsilon

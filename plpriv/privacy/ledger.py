@@ -7,6 +7,10 @@ step; the lookahead is bounded by the run's planned steps (never a million-step 
 
 ``memoize=True`` shares one process-wide cache of epsilon, calibration and budget results between ledgers: many
 identical short runs in one process (an audit trains hundreds) then pay for each accounting question once.
+
+Other mechanisms with the same history format reuse the ledger by overriding :meth:`EpsilonLedger.compute_epsilon`
+and :meth:`EpsilonLedger.compute_calibration` and naming themselves in :attr:`EpsilonLedger.mechanism_key` (part of
+every cache key), e.g. :class:`plpriv.privacy.sparsified_gaussian.SparsifiedGaussianLedger`.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class EpsilonLedger:
         memoize: share results of identical accounting questions across ledgers of this process.
     """
 
+    title = "DP-SGD epsilon"
+
     def __init__(self, accountant: str = "prv", *, memoize: bool = False) -> None:
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"`accountant` must be one of {ACCOUNTANTS}, got {accountant!r}.")
@@ -74,6 +80,20 @@ class EpsilonLedger:
         """``steps`` more Poisson-subsampled Gaussian releases at (noise_multiplier, sample_rate)."""
         self.history = extend_history(self.history, noise_multiplier, sample_rate, steps)
 
+    # ------------------------------------------------------------------ accounting (the mechanism's)
+    @property
+    def mechanism_key(self) -> tuple:
+        """What the cached results depend on besides the question: the accountant (subclasses add their mechanism)."""
+        return (self.accountant,)
+
+    def compute_epsilon(self, history: History, delta: float) -> float:
+        """Epsilon of ``history`` at ``delta`` (uncached): the Poisson-subsampled Gaussian by opacus' accountant."""
+        return epsilon(history, delta, self.accountant)
+
+    def compute_calibration(self, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+        """Smallest noise multiplier of ``steps`` steps at ``sample_rate`` within ``target_epsilon`` (uncached)."""
+        return calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, self.accountant)
+
     # ------------------------------------------------------------------ accounting (cached)
     def _memo(self, key: tuple, compute: Any) -> Any:
         if key in self._cache:
@@ -92,12 +112,12 @@ class EpsilonLedger:
         return value
 
     def _epsilon(self, history: History, delta: float, mechanism: str | None = None) -> float:
-        mechanism = mechanism or self.accountant
-        key = ("epsilon", mechanism, tuple(history), float(delta))
+        # `mechanism` (max_steps_within_budget's argument) is always this ledger's accountant
+        key = ("epsilon", *self.mechanism_key, tuple(history), float(delta))
         future = self._pending.pop(key, None)
         if future is not None and key not in self._cache:
             self._cache[key] = future.result()
-        return self._memo(key, lambda: epsilon(history, delta, mechanism))
+        return self._memo(key, lambda: self.compute_epsilon(list(history), delta))
 
     def epsilon_at(self, steps: int, delta: float) -> float:
         """Epsilon after the first ``steps`` steps at ``delta``."""
@@ -112,15 +132,13 @@ class EpsilonLedger:
 
     def calibrate(self, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
         """Smallest noise multiplier whose ``steps`` steps at ``sample_rate`` spend at most ``target_epsilon``."""
-        key = ("calibrate", self.accountant, float(target_epsilon), float(delta), float(sample_rate), int(steps))
-        return self._memo(
-            key, lambda: calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, self.accountant)
-        )
+        key = ("calibrate", *self.mechanism_key, float(target_epsilon), float(delta), float(sample_rate), int(steps))
+        return self._memo(key, lambda: self.compute_calibration(target_epsilon, delta, sample_rate, steps))
 
     def steps_within_budget(self, target_epsilon: float, delta: float, noise_multiplier: float,
                             sample_rate: float, horizon: int | None = None) -> int:
         """How many more steps at (noise_multiplier, sample_rate) keep epsilon <= target (-1: already over)."""
-        key = ("budget", self.accountant, tuple(self.history), float(target_epsilon), float(delta),
+        key = ("budget", *self.mechanism_key, tuple(self.history), float(target_epsilon), float(delta),
                float(noise_multiplier), float(sample_rate), horizon)
         return self._memo(key, lambda: max_steps_within_budget(
             target_epsilon, delta, self.history, noise_multiplier, sample_rate, self.accountant, horizon=horizon,
@@ -139,14 +157,14 @@ class EpsilonLedger:
         if ahead <= 0:
             return
         history = extend_history(self.history, noise_multiplier, sample_rate, ahead)
-        key = ("epsilon", self.accountant, tuple(history), float(delta))
+        key = ("epsilon", *self.mechanism_key, tuple(history), float(delta))
         if key in self._cache or key in self._pending:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plpriv-epsilon")
         while len(self._pending) >= _MAX_PENDING:  # predictions that were never used
             self._pending.pop(next(iter(self._pending))).cancel()
-        self._pending[key] = self._pool.submit(epsilon, history, float(delta), self.accountant)
+        self._pending[key] = self._pool.submit(self.compute_epsilon, history, float(delta))
 
     def close(self) -> None:
         """Stop the background thread (pending predictions are dropped)."""
@@ -177,7 +195,7 @@ class EpsilonLedger:
         if target_epsilon is not None:
             ax.axhline(target_epsilon, color="tab:red", ls="--", lw=1, label=f"target {target_epsilon:g}")
             ax.legend()
-        ax.set(xlabel="step", ylabel="epsilon", title=f"DP-SGD epsilon ({self.accountant}, delta={delta:.2g})")
+        ax.set(xlabel="step", ylabel="epsilon", title=f"{self.title} ({self.accountant}, delta={delta:.2g})")
         fig.tight_layout()
         return fig
 

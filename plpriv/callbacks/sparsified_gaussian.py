@@ -1,0 +1,425 @@
+r"""Sparsified-Gaussian DP training (Chen, Isik, Kairouz, No, Oh, Xu, ICML 2024): DP-SGD whose participants send
+only a random ~gamma fraction of their clipped update's coordinates, the indices drawn from a seed the aggregator
+knows; the mechanism and its accountant are :mod:`plpriv.privacy.sparsified_gaussian`.
+
+One implementation of the Lightning wiring: :class:`SparsifiedGaussian` is a :class:`~plpriv.callbacks.DPSGD`
+(Poisson loader, per-sample hooks, seed and secret file, budget, resume, refusals, logging) that changes three
+things: the opacus optimizer (``DPSGD._dp_optimizer_class``) masks every participant's clipped update before the
+sum and divides by ``B gamma``; the ledger accounts the sparsified mechanism; ``participants="clients"`` turns the
+train batches into client ids.
+
+``participants="examples"``
+    example-level DP: each example's clipped per-sample gradient gets its own mask (key: its position in the global
+    Poisson batch). ``keep_fraction=1`` is DP-SGD exactly (opacus' own clipping code, same seed: same update).
+``participants="clients"``
+    client-level DP for federated simulation. The datamodule's train loader yields client ids (Poisson-sampled at
+    q = clients per round / clients, DPSGD's loader) and ``client_batch(id)`` returns a client's data (see
+    :class:`plpriv.data.FederatedDigits`). Each sampled client's update is its mean gradient over its own data
+    (FedSGD), clipped to C, masked with its own mask (key: its client id), and only the ~gamma d kept values are
+    summed; the noise is added once. Under DDP each rank hosts the clients the Poisson sampler gives it, and the
+    ranks exchange only the kept values (``all_gather`` of packed values; indices regenerated from the seed) instead
+    of DP-SGD's dense all-reduce; every rank adds the same noise (same seeded generator), so nothing dense is sent.
+    (Not a Lightning ``ddp_comm_hook``: those see the gradient buckets of one backward pass, i.e. the unclipped batch
+    gradient, while the values to send exist only after per-client clipping and masking in the optimizer step;
+    DPSGD already disables DDP's own gradient sync.)
+
+Logged with ``dp/*``: ``comm/keep_fraction``, ``comm/bytes_per_step`` (the kept values all participants of the
+step send, counted from the packed tensors), ``comm/dense_bytes_per_step`` (d values each), ``comm/compression``;
+under DDP with clients also ``comm/rank_bytes_sent`` (this rank's all_gather volume, ring: (W-1) x its chunk) and
+``comm/rank_dense_bytes`` (a ring all-reduce of d values: 2 (W-1)/W x d values).
+
+Refused before training, naming the value: ``keep_fraction`` outside (0, 1], client ids the data does not have,
+ghost clipping (no per-sample gradients to mask), ``secure_mode``, and with clients: manual optimization and
+``max_physical_batch_size``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from plpriv.callbacks._dp_training_step import batch_size_of
+from plpriv.callbacks.dp_sgd import DPSGD, PRIVACY_RECORD_KEY
+from plpriv.privacy.sparsified_gaussian import (
+    MASKS,
+    SparsifiedGaussianLedger,
+    check_keep_fraction,
+    clip_rows,
+    draw_masks,
+    effective_keep_fraction,
+    epsilon_lower_bound,
+    mask_seed,
+    pack,
+    unpack,
+)
+
+__all__ = ["PARTICIPANTS", "SparsifiedGaussian"]
+
+PARTICIPANTS = ("examples", "clients")
+
+
+def _cat(batches: Sequence[Any]) -> Any:
+    """Concatenate collated batches along dim 0 (tensors, tuples / lists, dicts)."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(batches), 0)
+    if isinstance(first, dict):
+        return type(first)({k: _cat([b[k] for b in batches]) for k in first})
+    if isinstance(first, (list, tuple)):
+        return type(first)(_cat([b[i] for b in batches]) for i in range(len(first)))
+    raise ValueError(f"SparsifiedGaussian: cannot concatenate client batches of type {type(first).__name__}.")
+
+
+def _empty(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, dict):
+        return type(batch)({k: _empty(v) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_empty(v) for v in batch)
+    return batch
+
+
+class _Sparsifier:
+    """What the optimizer needs each step: participants, masks, aggregation, byte counts (set by the callback)."""
+
+    def __init__(self, dp: SparsifiedGaussian, rank: int, world_size: int, sparse_exchange: bool) -> None:
+        self.dp, self.rank, self.world_size, self.sparse_exchange = dp, rank, world_size, sparse_exchange
+        self.keys: list[int] | None = None  # clients: the local client ids of this step (set by the client step)
+        self.groups: torch.Tensor | None = None  # clients: participant index of every example
+        self.consumed = 0  # examples: local examples of this step already clipped (virtual steps)
+        self.stats: dict[str, float] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.dp.participants == "clients" or self.dp.keep_fraction < 1.0
+
+    def participants(self, n: int) -> tuple[list[int], torch.Tensor | None]:
+        if self.dp.participants == "clients":
+            if self.keys is None or self.groups is None or len(self.groups) != n:
+                raise RuntimeError("SparsifiedGaussian(participants='clients'): the optimizer stepped on a batch the"
+                                   " client step did not build (another forward pass or a second step?).")
+            return self.keys, self.groups
+        start = self.consumed
+        self.consumed += n
+        return [self.rank + self.world_size * (start + i) for i in range(n)], None  # global batch positions
+
+    def masks(self, keys: Sequence[int], dim: int) -> torch.Tensor | None:
+        if self.dp.keep_fraction >= 1.0:
+            return None
+        seeds = [mask_seed(self.dp._seed, self.dp.steps, k) for k in keys]  # type: ignore[arg-type]
+        return draw_masks(dim, self.dp.keep_fraction, seeds, self.dp.mask)
+
+    def aggregate(self, updates: torch.Tensor, keys: list[int]) -> torch.Tensor:
+        """Sum over participants of their clipped, masked updates ([P, d]); records what they send."""
+        dim = updates.shape[1]
+        masks = self.masks(keys, dim)
+        packed = updates.reshape(-1) if masks is None else pack(updates, masks)
+        elem = updates.element_size()
+        stats = {"comm/keep_fraction": self.dp.keep_fraction, "participants": float(len(keys)),
+                 "comm/bytes_per_step": float(packed.numel() * elem),
+                 "comm/dense_bytes_per_step": float(len(keys) * dim * elem)}
+        if self.sparse_exchange:
+            total, stats_ddp = self._exchange(packed, keys, dim, elem)
+            stats.update(stats_ddp)
+        else:
+            dense = updates if masks is None else unpack(packed, masks)
+            total = dense.sum(0)
+        if stats["comm/bytes_per_step"]:
+            stats["comm/compression"] = stats["comm/dense_bytes_per_step"] / stats["comm/bytes_per_step"]
+        self.stats = stats
+        return total
+
+    def _exchange(self, packed: torch.Tensor, keys: list[int], dim: int, elem: int
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        """DDP with clients: all_gather every rank's packed kept values and client ids (sizes first), rebuild every
+        client's update from its regenerated mask, sum in the single-process order (global batch position)."""
+        import torch.distributed as dist
+
+        device, w = packed.device, self.world_size
+        meta = torch.tensor([len(keys), packed.numel()], dtype=torch.long, device=device)
+        metas = [torch.zeros_like(meta) for _ in range(w)]
+        dist.all_gather(metas, meta)
+        counts, lengths = [int(m[0]) for m in metas], [int(m[1]) for m in metas]
+        key_buf = torch.zeros(max(1, *counts), dtype=torch.long, device=device)  # (no zero-size collectives)
+        key_buf[: len(keys)] = torch.tensor(keys, dtype=torch.long, device=device)
+        val_buf = packed.new_zeros(max(1, *lengths))
+        val_buf[: packed.numel()] = packed
+        all_keys, all_vals = [torch.zeros_like(key_buf) for _ in range(w)], [torch.zeros_like(val_buf) for _ in range(w)]
+        dist.all_gather(all_keys, key_buf)
+        dist.all_gather(all_vals, val_buf)
+        rows: dict[int, torch.Tensor] = {}
+        for r in range(w):
+            rank_keys = [int(k) for k in all_keys[r][: counts[r]]]
+            masks = self.masks(rank_keys, dim)
+            if masks is None:
+                dense = all_vals[r][: lengths[r]].reshape(len(rank_keys), dim)
+            else:
+                dense = unpack(all_vals[r][: lengths[r]], masks)
+            for j in range(len(rank_keys)):
+                rows[r + w * j] = dense[j]  # the client's position in the global Poisson batch
+        total = torch.stack([rows[p] for p in sorted(rows)]).sum(0) if rows else packed.new_zeros(dim)
+        chunk = meta.numel() * meta.element_size() + key_buf.numel() * 8 + val_buf.numel() * elem
+        global_bytes = float(sum(lengths) * elem)
+        return total, {"comm/bytes_per_step": global_bytes, "comm/dense_bytes_per_step": float(sum(counts) * dim * elem),
+                       "comm/rank_bytes_sent": float((w - 1) * chunk),
+                       "comm/rank_dense_bytes": float(2 * (w - 1) / w * dim * elem)}
+
+
+class _SparsifyingOptimizer:
+    """Mixin over opacus' DPOptimizer / DistributedDPOptimizer: per-participant clipping, masking and the unbiased
+    divisor B gamma. Without participants to group or coordinates to drop, opacus' own code runs (DP-SGD)."""
+
+    sparsifier: _Sparsifier | None = None
+
+    def clip_and_accumulate(self) -> None:
+        sp = self.sparsifier
+        if sp is None or not sp.active:
+            super().clip_and_accumulate()  # type: ignore[misc]
+            if sp is not None:
+                n = len(self.grad_samples[0])  # type: ignore[attr-defined]
+                dim = sum(p.numel() for p in self.params)  # type: ignore[attr-defined]
+                elem = self.params[0].element_size()  # type: ignore[attr-defined]
+                sp.stats = {"comm/keep_fraction": 1.0, "participants": float(n),
+                            "comm/bytes_per_step": float(n * dim * elem), "comm/dense_bytes_per_step":
+                            float(n * dim * elem), "comm/compression": 1.0}
+            return
+        params = self.params  # type: ignore[attr-defined]
+        grads = []
+        for p in params:
+            _check_processed_flag(p.grad_sample)
+            grads.append(self._get_flat_grad_sample(p).to(p.dtype))  # type: ignore[attr-defined]
+        n = grads[0].shape[0]
+        flat = torch.cat([g.reshape(n, -1) for g in grads], 1)
+        keys, groups = sp.participants(n)
+        if groups is not None:  # clients: each client's update is the mean gradient over its examples
+            groups = groups.to(flat.device)
+            per = flat.new_zeros((len(keys), flat.shape[1])).index_add_(0, groups, flat)
+            per = per / torch.bincount(groups, minlength=len(keys)).clamp(min=1).to(per.dtype)[:, None]
+        else:
+            per = flat
+        total = sp.aggregate(clip_rows(per, self.max_grad_norm), keys)  # type: ignore[attr-defined]
+        offset = 0
+        for p in params:
+            grad = total[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
+            p.summed_grad = grad.clone() if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+    def scale_grad(self) -> None:
+        sp = self.sparsifier
+        if sp is not None and sp.sparse_exchange:  # every rank holds the global sum: divide by the global B
+            for p in self.params:  # type: ignore[attr-defined]
+                p.grad /= sp.dp.expected_batch_size * self.accumulated_iterations  # type: ignore[attr-defined]
+        else:
+            super().scale_grad()  # type: ignore[misc]
+        if sp is not None and sp.dp.keep_fraction < 1.0:
+            gamma = effective_keep_fraction(sum(p.numel() for p in self.params), sp.dp.keep_fraction,  # type: ignore
+                                            sp.dp.mask)
+            for p in self.params:  # type: ignore[attr-defined]
+                p.grad /= gamma
+
+    def add_noise(self) -> None:
+        if self.sparsifier is not None and self.sparsifier.sparse_exchange:
+            DPOptimizer.add_noise(self)  # type: ignore[arg-type]  # the same seeded noise on every rank, once
+        else:
+            super().add_noise()  # type: ignore[misc]
+
+    def reduce_gradients(self) -> None:
+        if self.sparsifier is None or not self.sparsifier.sparse_exchange:
+            super().reduce_gradients()  # type: ignore[misc]  # examples under DDP: DP-SGD's dense all-reduce
+
+
+@functools.cache
+def _sparsifying_class(base: type) -> type:
+    return type(f"Sparsifying{base.__name__}", (_SparsifyingOptimizer, base), {})
+
+
+class SparsifiedGaussian(DPSGD):
+    r"""DP training with the sparsified Gaussian mechanism: DPSGD whose participants send ~``keep_fraction`` of d.
+
+    Args:
+        keep_fraction: gamma in (0, 1], the fraction of coordinates every participant keeps (1: DP-SGD).
+        max_grad_norm: clipping bound C of every participant's update (an example's gradient or a client's update).
+        noise_multiplier, target_epsilon, target_delta, accountant, sample_rate: as :class:`DPSGD`; the accountant
+            is DP-SGD's bound, the epsilon the sparsified accountant's (:mod:`plpriv.privacy.sparsified_gaussian`).
+        participants: ``"examples"`` (example-level DP) or ``"clients"`` (client-level DP; the train loader yields
+            client ids, the datamodule's ``client_batch(id)`` their data).
+        mask: ``"bernoulli"`` (each coordinate independently; privacy amplified) or ``"k_subset"`` (exactly
+            round(gamma d) coordinates; accounted without amplification, as DP-SGD: no valid tighter analysis here).
+        seed: as :class:`DPSGD` (tests only); the masks' seeds derive from the run's secret seed, never stored.
+        Other arguments: as :class:`DPSGD`.
+    """
+
+    def __init__(
+        self,
+        keep_fraction: float,
+        max_grad_norm: float,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        target_delta: float | None = None,
+        participants: str = "examples",
+        mask: str = "bernoulli",
+        seed: int | None = None,
+        accountant: str = "prv",
+        sample_rate: float | None = None,
+        grad_sample_mode: str = "hooks",
+        max_physical_batch_size: int | None = None,
+        fix_modules: bool = False,
+        stop_on_budget: bool = True,
+        private_optimizers: int | Sequence[int] | None = None,
+        allow_mechanism_change: bool = False,
+        plot: bool = True,
+        memoize_accounting: bool = False,
+    ) -> None:
+        keep_fraction = check_keep_fraction(keep_fraction)
+        if participants not in PARTICIPANTS:
+            raise ValueError(f"`participants` must be one of {PARTICIPANTS}, got {participants!r}.")
+        if mask not in MASKS:
+            raise ValueError(f"`mask` must be one of {MASKS}, got {mask!r}.")
+        if grad_sample_mode == "ghost":
+            raise ValueError("SparsifiedGaussian cannot use grad_sample_mode='ghost': ghost clipping never forms the"
+                             " per-sample gradients the masks select coordinates of. Use 'hooks' or 'functorch'.")
+        if participants == "clients" and max_physical_batch_size is not None:
+            raise ValueError("SparsifiedGaussian(participants='clients') cannot split batches"
+                             f" (max_physical_batch_size={max_physical_batch_size!r}): a client split across two"
+                             " chunks would be clipped twice. Use fewer clients per round instead.")
+        super().__init__(
+            max_grad_norm, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, target_delta=target_delta,
+            accountant=accountant, sample_rate=sample_rate, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
+            max_physical_batch_size=max_physical_batch_size, fix_modules=fix_modules, stop_on_budget=stop_on_budget,
+            secure_mode=False, seed=seed, private_optimizers=private_optimizers,
+            allow_mechanism_change=allow_mechanism_change, plot=plot, memoize_accounting=memoize_accounting,
+        )
+        self.keep_fraction, self.participants, self.mask = keep_fraction, participants, mask
+        self.ledger = SparsifiedGaussianLedger(keep_fraction, mask, accountant, memoize=memoize_accounting)
+        self._sparsifier: _Sparsifier | None = None
+        self._client_source: Any = None
+        self._first_client = 0
+
+    # ------------------------------------------------------------------ DPSGD extension points
+    def _dp_optimizer_class(self, trainer: Trainer) -> type[DPOptimizer]:
+        return _sparsifying_class(super()._dp_optimizer_class(trainer))
+
+    def _on_dp_step(self, optimizer: DPOptimizer) -> None:
+        super()._on_dp_step(optimizer)
+        if self._sparsifier is not None:
+            self._sparsifier.consumed, self._sparsifier.keys, self._sparsifier.groups = 0, None, None
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self.participants == "clients" and not pl_module.automatic_optimization:
+            raise ValueError("SparsifiedGaussian(participants='clients') needs automatic optimization: it builds each"
+                             " step's batch from the sampled clients' data.")
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.participants == "clients":
+            self._check_clients(trainer, pl_module)
+        super().on_train_start(trainer, pl_module)
+        sparse = self.participants == "clients" and trainer.world_size > 1
+        self._sparsifier = _Sparsifier(self, trainer.global_rank, trainer.world_size, sparse)
+        self._dp_optimizer.sparsifier = self._sparsifier  # type: ignore[union-attr]
+        if self.participants == "clients":
+            self._restore.append(self._wrap_client_step(pl_module))
+        rank_zero_info(f"SparsifiedGaussian: keep_fraction={self.keep_fraction:g} ({self.mask} masks),"
+                       f" participants={self.participants}{', kept values exchanged by all_gather' if sparse else ''}.")
+
+    def _check_clients(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        source = next((s for s in (trainer.datamodule, pl_module) if callable(getattr(s, "client_batch", None))),
+                      None)
+        if source is None:
+            raise ValueError("SparsifiedGaussian(participants='clients') needs a datamodule (or module) with"
+                             " `client_batch(client_id)` returning that client's data, and a train loader of client"
+                             " ids (e.g. plpriv.data.FederatedDigits).")
+        loader = self._loader
+        ids = [int(loader.dataset[i]) for i in range(len(loader.dataset))]  # type: ignore[union-attr]
+        known = set(int(i) for i in source.client_ids()) if callable(getattr(source, "client_ids", None)) else None
+        missing = [i for i in ids if (known is not None and i not in known)]
+        if known is None:
+            for i in ids:
+                try:
+                    if batch_size_of(source.client_batch(i)) <= 0:
+                        missing.append(i)
+                except (KeyError, IndexError):
+                    missing.append(i)
+        if missing:
+            raise ValueError(f"SparsifiedGaussian(participants='clients'): the train loader yields client ids"
+                             f" {missing[:10]}{' ...' if len(missing) > 10 else ''} that have no data in"
+                             f" {type(source).__name__} (ids with data: client_ids()).")
+        self._client_source, self._first_client = source, ids[0]
+
+    def _wrap_client_step(self, pl_module: LightningModule) -> Any:
+        """Client ids -> the sampled clients' data, concatenated; the optimizer learns which example is whose."""
+        dp_step, source, sparsifier = pl_module.training_step, self._client_source, self._sparsifier
+        first = self._first_client  # an empty round still needs the batch structure
+
+        @functools.wraps(dp_step)
+        def client_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            ids = batch[0] if isinstance(batch, (list, tuple)) else batch
+            ids = [int(i) for i in torch.as_tensor(ids).reshape(-1).tolist()]
+            batches = [source.client_batch(i) for i in ids]
+            sizes = [batch_size_of(b) for b in batches]
+            data = _cat(batches) if batches else _empty(source.client_batch(first))
+            sparsifier.keys = ids  # type: ignore[union-attr]
+            sparsifier.groups = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor(sizes, dtype=torch.long)  # type: ignore[union-attr]
+                                                        if sizes else torch.zeros(0, dtype=torch.long))
+            return dp_step(move_data_to_device(data, pl_module.device), *args, **kwargs)
+
+        pl_module.training_step = client_step  # type: ignore[method-assign]
+        return lambda: setattr(pl_module, "training_step", dp_step)
+
+    # ------------------------------------------------------------------ logging, records, state
+    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super()._log(trainer, pl_module)
+        connector = getattr(trainer, "_logger_connector", None)
+        if not getattr(connector, "should_update_logs", True) or self._sparsifier is None:
+            return
+        stats = {k: v for k, v in self._sparsifier.stats.items() if k.startswith("comm/")}
+        if stats:
+            pl_module.log_dict(stats, on_step=True, on_epoch=False, batch_size=1)
+
+    @property
+    def comm_stats(self) -> dict[str, float]:
+        """The last step's communication numbers (bytes the participants sent, dense bytes, compression, ...)."""
+        return dict(self._sparsifier.stats) if self._sparsifier is not None else {}
+
+    def get_epsilon_lower_bound(self, delta: float | None = None) -> float:
+        """Epsilon of a 1-sparse input at every step (rate q gamma): the paper-style number, never above the truth."""
+        delta = self.delta if delta is None else delta
+        return epsilon_lower_bound(self.history, self.keep_fraction, float(delta)) if self.history else 0.0
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self._dp_optimizer is not None and self.history and self._sparsifier is not None:
+            stats = self._sparsifier.stats
+            rank_zero_info(f"SparsifiedGaussian: keep_fraction={self.keep_fraction:g}: last step sent"
+                           f" {stats.get('comm/bytes_per_step', 0):.0f} bytes instead of"
+                           f" {stats.get('comm/dense_bytes_per_step', 0):.0f} dense.")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "keep_fraction": self.keep_fraction, "participants": self.participants,
+                "mask": self.mask}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        changes = [f"{k} {state_dict[k]!r} -> {getattr(self, k)!r}" for k in ("keep_fraction", "participants", "mask")
+                   if k in state_dict and state_dict[k] != getattr(self, k)]
+        if changes:
+            raise ValueError(f"SparsifiedGaussian: the checkpoint was trained with another mechanism"
+                             f" ({'; '.join(changes)}); the accountant cannot compose them. Resume with the"
+                             " checkpoint's settings or start a new run.")
+        super().load_state_dict(state_dict)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if PRIVACY_RECORD_KEY in checkpoint:
+            checkpoint[PRIVACY_RECORD_KEY].update(mechanism="sparsified-gaussian", keep_fraction=self.keep_fraction,
+                                                  participants=self.participants, mask=self.mask)
