@@ -278,17 +278,20 @@ DDP_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from lightning.pytorch import Trainer
     from _dp_toy import ToyClassifier
+    from _dp_toy import ToyData
     from test_sparsified_gaussian import ToyClients
     from plpriv.callbacks import SparsifiedGaussian
 
-    out, devices = sys.argv[1], int(sys.argv[2])
+    out, devices, participants = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     sg = SparsifiedGaussian(0.1, max_grad_norm=0.5, noise_multiplier=1.0, seed=4, target_delta=1e-3,
-                            accountant="rdp", participants="clients")
+                            accountant="rdp", participants=participants)
     model = ToyClassifier(lr=0.5, hidden=64).double()
     trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=5,
                       precision="64-true", callbacks=[sg], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
-    trainer.fit(model, ToyClients(clients=16, per_client=3, clients_per_round=6, dtype=torch.float64))
+    data = (ToyClients(clients=16, per_client=3, clients_per_round=6, dtype=torch.float64) if participants == "clients"
+            else ToyData(n=40, batch_size=8))
+    trainer.fit(model, data)
     torch.save({"params": [p.detach() for p in model.parameters()], "steps": sg.steps, "history": sg.history,
                 "comm": sg.comm_stats}, f"{out}/rank{trainer.global_rank}_of{devices}.pt")
     """
@@ -296,15 +299,18 @@ DDP_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.distributed
-def test_ddp_clients_exchange_kept_values_only_and_equal_the_single_process_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("participants", ["clients", pytest.param("examples", marks=pytest.mark.slow)])
+def test_ddp_exchanges_kept_values_only_and_equals_the_single_process_run(tmp_path: Path, participants: str) -> None:
+    """Clients: kept values by all_gather, noise added identically on every rank. Examples (slow): masks keyed by
+    global batch position, DP-SGD's dense all-reduce of the noised sum."""
     script = tmp_path / "ddp_sparsified.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT / "tests" / "callbacks"),
                                                       str(ROOT), env.get("PYTHONPATH")]))
     for devices in (2, 1):
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices)], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices), participants], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}_of2.pt") for r in (0, 1))
     single = torch.load(tmp_path / "rank0_of1.pt")
@@ -313,8 +319,9 @@ def test_ddp_clients_exchange_kept_values_only_and_equal_the_single_process_run(
         torch.testing.assert_close(a, s, atol=1e-10, rtol=0)  # the single-process run, up to rounding
     assert r0["steps"] == single["steps"] == 5 and r0["history"] == single["history"]
     comm = r0["comm"]
-    assert comm["comm/rank_bytes_sent"] < 0.6 * comm["comm/rank_dense_bytes"], comm  # kept values, not d floats
-    assert comm["comm/bytes_per_step"] == r1["comm"]["comm/bytes_per_step"]
+    if participants == "clients":
+        assert comm["comm/rank_bytes_sent"] < 0.6 * comm["comm/rank_dense_bytes"], comm  # kept values, not d floats
+        assert comm["comm/bytes_per_step"] == r1["comm"]["comm/bytes_per_step"]
 
 
 # --------------------------------------------------------------------------- recipes and fragment
