@@ -254,12 +254,58 @@ def main(args: Sequence[str] | None = None) -> None:
     if argv[0] in SUBCOMMANDS and ("-h" in argv or "--help" in argv):
         _print_guidance(argv[0])
         sys.stdout.flush()
+    debug = "--debug" in argv or os.environ.get("PLPRIV_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        if args is None:
+            sys.argv = [sys.argv[0], *argv]
     try:
         # args=None lets LightningCLI read sys.argv itself (passing both makes it warn on every run).
         PlprivCLI(args=None if args is None else argv)
     except PrivateCheckpointError as err:
         print(f"plpriv: refusing to resume: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as err:  # user-input errors: one short message, the traceback only with --debug
+        message = user_error_message(err)
+        if debug or message is None:
+            raise
+        print(f"plpriv: error: {message}\n(run with --debug or PLPRIV_DEBUG=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+_CORRUPT_CHECKPOINT = ("PytorchStreamReader failed", "failed finding central directory", "invalid load key",
+                       "Ran out of input", "unpickling")
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """A short message for an error caused by the user's input (config, data, checkpoint, privacy budget), or None
+    for anything else (a bug: shown with its traceback).
+
+    plpriv raises ValueError/TypeError/FileNotFoundError with messages that name the problem and the fix; jsonargparse
+    wraps errors of a class's constructor in a long Namespace dump, from which the constructor's own message is kept.
+    """
+    import pickle
+    from urllib.error import URLError
+
+    text = str(err)
+    if isinstance(err, URLError):
+        return (f"a download failed ({err.reason}); without internet access put the data set under the recipe's"
+                " `root` and set `download: false` (--data.init_args.download false).")
+    if isinstance(err, (pickle.UnpicklingError, EOFError)) or (
+        isinstance(err, RuntimeError) and any(s in text for s in _CORRUPT_CHECKPOINT)
+    ):
+        return ("the checkpoint could not be read: it is truncated or not a Lightning checkpoint. Pass a complete"
+                " .ckpt file to --ckpt_path (e.g. <run dir>/checkpoints/last.ckpt).")
+    if isinstance(err, RuntimeError) and text.startswith("DPSGD"):
+        return text  # budget spent, refused steps: plpriv's own messages
+    if not isinstance(err, (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError)):
+        return None
+    if "Errors:" in text:  # jsonargparse: "Does not validate against any of the Union subtypes ... Errors: - msg"
+        bullets = [ln.strip()[2:] for ln in text.split("Errors:", 1)[1].split("Given value")[0].splitlines()
+                   if ln.strip().startswith("- ") and "Expected a <class" not in ln]
+        text = "; ".join(bullets) or text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return "\n  ".join(lines[:12]) if lines else type(err).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

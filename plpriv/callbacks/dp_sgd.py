@@ -472,6 +472,12 @@ class DPSGD(Callback):
             extra = self.ledger.steps_within_budget(self.target_epsilon, self.delta, sigma, rate,  # type: ignore[arg-type]
                                                     horizon=horizon)
         extra = int(trainer.strategy.broadcast(extra, src=0))
+        if extra <= 0 and not self.history:
+            raise ValueError(
+                f"DPSGD: not even one step at noise_multiplier={sigma:.4g}, q={rate:.4g} fits the budget"
+                f" epsilon={self.target_epsilon} (delta={self.delta:.3g}): raise `target_epsilon` or"
+                " `noise_multiplier`, or leave `noise_multiplier` unset to calibrate it."
+            )
         if extra <= 0 and spent == "stop":
             self._budget_steps = self.steps
             self._stop_on_budget(trainer)

@@ -1,0 +1,84 @@
+"""Bad input through the real ``plpriv`` console script: one short message naming the problem and the fix, a
+non-zero exit, no traceback (``--debug`` / ``PLPRIV_DEBUG=1`` shows it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _helpers import ROOT
+
+PLPRIV = Path(sys.executable).parent / "plpriv"
+DP = ROOT / "recipes" / "classifier" / "digits_dp.yaml"
+
+
+def _plpriv(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    run_dir = ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    return subprocess.run([str(PLPRIV), *args, *run_dir], cwd=tmp_path, text=True, capture_output=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _short_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "plpriv: error:" in proc.stderr
+    message = proc.stderr.split("plpriv: error:", 1)[1]
+    assert len(message.splitlines()) <= 12
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_corrupt_checkpoint_and_debug_switch(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(os.urandom(2000))
+    args = ("fit", "-c", str(ROOT / "recipes" / "classifier" / "digits.yaml"), "--ckpt_path", str(bad))
+    _short_error(_plpriv(tmp_path, *args), "checkpoint could not be read", "--ckpt_path")
+    assert "Traceback" in _plpriv(tmp_path, *args, env={"PLPRIV_DEBUG": "1"}).stderr
+
+
+def test_missing_dataset_root(tmp_path: Path) -> None:
+    proc = _plpriv(tmp_path, "fit", "-c", str(ROOT / "recipes" / "edm" / "cifar10_uncond.yaml"),
+                   "--data.init_args.root", str(tmp_path / "nowhere"), "--data.init_args.download", "false",
+                   "--model.init_args.fid_feature", "null", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                   "--trainer.strategy", "auto", "--trainer.max_steps", "1")
+    _short_error(proc, "nowhere", "download")
+
+
+def test_unsupported_layer(tmp_path: Path) -> None:
+    _short_error(_plpriv(tmp_path, "fit", "-c", str(DP), "--model.init_args.norm", "batch"),
+                 "BatchNorm2d", "fix_modules=True")
+
+
+def test_unreachable_epsilon(tmp_path: Path) -> None:
+    _short_error(_plpriv(tmp_path, "fit", "-c", str(DP), "--trainer.callbacks.init_args.target_epsilon", "0.0001"),
+                 "no noise multiplier reaches epsilon=0.0001", "Raise `target_epsilon`")
+
+
+def test_spent_budget_refuses_to_resume(tmp_path: Path) -> None:
+    budget = ("--trainer.callbacks.init_args.noise_multiplier", "2.0", "--trainer.callbacks.init_args.target_epsilon",
+              "2.0", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0")
+    first = _plpriv(tmp_path, "fit", "-c", str(DP), *budget)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (spent,) = tmp_path.rglob("dp-budget-spent-step=*.ckpt")
+    _short_error(_plpriv(tmp_path, "fit", "-c", str(DP), *budget, "--ckpt_path", str(spent)),
+                 "is spent", "raise `target_epsilon` knowingly")
+
+
+def test_budget_too_small_for_one_step(tmp_path: Path) -> None:
+    _short_error(_plpriv(tmp_path, "fit", "-c", str(DP), "--trainer.callbacks.init_args.noise_multiplier", "0.6",
+                         "--trainer.callbacks.init_args.target_epsilon", "2.0"), "not even one step", "raise")
+
+
+@pytest.mark.parametrize("message", ["", "x"])
+def test_user_error_message_keeps_bugs_loud(message: str) -> None:
+    from plpriv.cli import user_error_message
+
+    assert user_error_message(KeyError(message)) is None  # not user input: the traceback stays
+    assert user_error_message(RuntimeError("CUDA error" + message)) is None
+    wrapped = ValueError("Does not validate against any of the Union subtypes\nErrors:\n  - root missing: set it\n"
+                         "  - Expected a <class 'NoneType'>\nGiven value: Namespace(a=1)")
+    assert user_error_message(wrapped) == "root missing: set it"
