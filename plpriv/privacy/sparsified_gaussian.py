@@ -45,9 +45,12 @@ Privacy: what is assumed, what is proven, what is reported
           share its participation coin, and dense inputs are not dominated by 1-sparse ones as experiments: their
           total variation is larger). We use valid bounds only: Zhu & Wang 2019 ("Poisson subsampled RDP",
           Theorem 6: general upper bound for Poisson subsampling of any mechanism with RDP eps(l), l = 2..alpha,
-          within log(3)/(alpha-1) of optimal) applied to the q = 1 mechanism of [B]; the bound (derived) obtained by
-          revealing the mask (Renyi moment convex in the second argument, [A] per mask, [B]'s convexity per
-          coordinate): ``log(1 - gamma + gamma exp((alpha-1) eps_SGM(q, sigma)(alpha))) / (alpha-1)``; and DP-SGD's.
+          within log(3)/(alpha-1) of optimal) applied to the q = 1 mechanism of [B]; two bounds (derived) from
+          revealing side information to the adversary, with the add-direction moment ``int P^alpha R^(1-alpha)``
+          convex in R: the mask revealed ([A] per mask, [B]'s convexity per coordinate),
+          ``log(1 - gamma + gamma exp((alpha-1) eps_SGM(q, sigma)(alpha))) / (alpha-1)``, and the participation coin
+          revealed ([B] given participation), ``log(1 - q + q exp((alpha-1) eps_SGM(gamma, sigma)(alpha))) /
+          (alpha-1)``; and DP-SGD's.
         - [E] Balle et al. 2020 (Theorem 21; opacus' ``get_privacy_spent``): RDP -> (epsilon, delta).
       Reported epsilon: ``min(DP-SGD accountant's epsilon, RDP epsilon of max([C], min of the [D] bounds))``.
       :func:`epsilon_lower_bound` is the 1-sparse input's epsilon (rate q gamma), what the paper-style accountant
@@ -277,8 +280,10 @@ def _rdp_bound_cached(noise_multiplier: float, sample_rate: float, keep_fraction
     all_orders = np.arange(2, int(orders[-1]) + 1, dtype=float)
     base = _sgm_log_moments(g, s, all_orders)  # [B]: the q = 1 mechanism, (l-1) eps(l) for l = 2 .. max order
     zhu_wang = _zhu_wang_log_moments(q, base, orders)
-    reveal = np.logaddexp(math.log1p(-g), math.log(g) + dpsgd)  # [D], derived (mask revealed)
-    add = np.minimum(np.minimum(zhu_wang, reveal), dpsgd)
+    reveal_mask = np.logaddexp(math.log1p(-g), math.log(g) + dpsgd)  # [D], derived (mask revealed)
+    base_at_orders = _sgm_log_moments(g, s, orders)
+    reveal_coin = np.logaddexp(math.log1p(-q), math.log(q) + base_at_orders)  # [D], derived (participation revealed)
+    add = np.minimum.reduce([zhu_wang, reveal_mask, reveal_coin, dpsgd])
     out = np.maximum(remove, add) / (orders - 1)
     out.setflags(write=False)
     return out
