@@ -17,6 +17,11 @@ Pure math (numpy + scipy), no Lightning. Three estimators:
 
 Score convention everywhere: lower score = more likely IN (e.g. the canary's loss); pass ``higher_is_in=True`` for
 scores where higher means member (e.g. logit margin, likelihood ratio).
+
+Many-model audits should go through :func:`estimate`: it chooses the threshold with the estimator's own objective
+on *reference* models and computes the bound on disjoint *evaluation* models, and refuses to run when a model id
+appears in both (taking the best threshold on the evaluation models themselves inflates the bound; see
+``ASSUMPTIONS`` for what each estimator assumes).
 """
 
 from __future__ import annotations
@@ -30,20 +35,29 @@ import numpy as np
 from scipy import optimize, stats
 
 __all__ = [
+    "ASSUMPTIONS",
+    "ESTIMATORS",
     "AuditResult",
+    "EstimateResult",
+    "ScoreSplit",
     "OneRunResult",
     "audit_counts",
     "audit_scores",
+    "clopper_pearson_lower",
     "clopper_pearson_upper",
+    "estimate",
     "epsilon_lower_bound",
     "gdp_delta",
     "gdp_epsilon_lower_bound",
+    "gaussian_mu_estimate",
+    "gdp_mu_interval",
     "gdp_mu_lower_bound",
     "gdp_mu_to_epsilon",
     "one_run_audit",
     "one_run_epsilon_lower_bound",
     "one_run_p_value",
     "select_threshold",
+    "selection_objective",
 ]
 
 ArrayLike = Union[Sequence[float], np.ndarray, Any]  # anything np.asarray accepts (lists, arrays, CPU tensors)
@@ -101,6 +115,25 @@ def _cp_upper(k: np.ndarray | int, n: np.ndarray | int, alpha: float) -> np.ndar
     ok = k < n
     out[ok] = stats.beta.ppf(1.0 - alpha, k[ok] + 1.0, n[ok] - k[ok])
     return out
+
+
+def _cp_lower(k: np.ndarray | int, n: np.ndarray | int, alpha: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound at level alpha: BetaInv(alpha; k, n - k + 1), = 0 when k = 0."""
+    k = np.asarray(k, dtype=np.float64)
+    n = np.broadcast_to(np.asarray(n, dtype=np.float64), k.shape)
+    out = np.zeros(k.shape)
+    ok = k > 0
+    out[ok] = stats.beta.ppf(alpha, k[ok], n[ok] - k[ok] + 1.0)
+    return out
+
+
+def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
+    """Exact one-sided lower confidence bound on a binomial rate: P[Bin(n, p_lower) >= k] = alpha (0 for k = 0)."""
+    n = _check_int("n", n, 1)
+    k = _check_int("k", k, 0, n)
+    if not (0.0 < alpha < 1.0):
+        raise ValueError(f"`alpha` must be in (0, 1), got {alpha}.")
+    return float(_cp_lower(k, n, alpha))
 
 
 def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
@@ -305,7 +338,9 @@ def select_threshold(
     fp, fn = _error_counts(s_in, s_out, cand, higher_is_in)
     n_out, n_in = s_out.size, s_in.size
     half_beta = (1.0 - confidence) / 2.0
-    if callable(objective):
+    if callable(objective) and getattr(objective, "vectorized", False):  # e.g. selection_objective(...)
+        values = np.asarray(objective(fp, fn, n_out, n_in), dtype=np.float64)
+    elif callable(objective):
         values = np.array([float(objective(int(a), int(b), n_out, n_in)) for a, b in zip(fp, fn)])
     elif objective == "epsilon":
         eps_a, eps_b = _eps_from_rates(_cp_upper(fp, n_out, half_beta), _cp_upper(fn, n_in, half_beta), delta)
@@ -334,6 +369,219 @@ def audit_scores(
     fp, fn = _error_counts(s_in, s_out, np.array([float(threshold)]), higher_is_in)
     res = audit_counts(int(fp[0]), int(fn[0]), s_out.size, s_in.size, delta, confidence)
     return AuditResult(**{**res.as_dict(), "threshold": float(threshold), "higher_is_in": bool(higher_is_in)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Estimators with a reference / evaluation split (the many-model audit)
+
+ESTIMATORS: tuple[str, ...] = ("gdp", "clopper_pearson")
+
+#: What each estimator's bound assumes (the report prints these next to the numbers).
+ASSUMPTIONS: dict[str, str] = {
+    "clopper_pearson": (
+        "Clopper-Pearson (Jagielski et al. 2020): valid for any (eps, delta)-DP mechanism; assumes only that the"
+        " evaluation models are independent runs of the training pipeline and that the threshold was fixed without"
+        " them. Conservative: with n models per side it cannot certify more than ln(n / 3.7) or so."
+    ),
+    "gdp": (
+        "GDP (Nasr et al. 2023): the mu of the Gaussian trade-off curve through the attack's (FPR, FNR) point,"
+        " converted to eps at delta through the mu-GDP privacy profile. It assumes the mechanism's trade-off curve is"
+        " Gaussian, which holds for full-batch DP-GD (q = 1: a composition of Gaussian mechanisms, exactly"
+        " sqrt(T)/sigma-GDP) and is only an approximation with Poisson subsampling (q < 1). mu_lower is a valid lower"
+        " bound on the GDP parameter of any mechanism; the eps conversion is the assumption."
+    ),
+}
+
+
+def _mu_point(fp: int, fn: int, n_out: int, n_in: int) -> float:
+    """Point estimate Phi^-1(1 - FPR) - Phi^-1(FNR) at the rates (k + 1/2) / (n + 1) (finite at 0 and n errors)."""
+    fpr, fnr = (fp + 0.5) / (n_out + 1.0), (fn + 0.5) / (n_in + 1.0)
+    return float(stats.norm.isf(fpr) - stats.norm.ppf(fnr))
+
+
+def gdp_mu_interval(fp: int, fn: int, n_out: int, n_in: int, confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(mu_lower, mu_estimate, mu_upper)`` of the Gaussian trade-off curve through an attack's error counts.
+
+    ``mu_lower`` (Clopper-Pearson upper rates, beta/2 each) is :func:`gdp_mu_lower_bound`; ``mu_upper`` uses the
+    Clopper-Pearson *lower* rates (``inf`` with no error), so ``[mu_lower, mu_upper]`` covers the curve's mu with
+    probability >= 1 - 2 beta. For equal-variance Gaussian scores (DP-GD with q = 1 and a linear score) the curve
+    through every threshold's point is the mechanism's own, and the interval covers its mu.
+    """
+    n_out = _check_int("n_out", n_out, 1)
+    n_in = _check_int("n_in", n_in, 1)
+    fp = _check_int("fp", fp, 0, n_out)
+    fn = _check_int("fn", fn, 0, n_in)
+    half_beta = (1.0 - _check_confidence(confidence)) / 2.0
+    lower = float(_mu_from_rates(_cp_upper(fp, n_out, half_beta), _cp_upper(fn, n_in, half_beta)))
+    fpr_lo, fnr_lo = float(_cp_lower(fp, n_out, half_beta)), float(_cp_lower(fn, n_in, half_beta))
+    upper = math.inf if fpr_lo == 0.0 or fnr_lo == 0.0 else float(stats.norm.isf(fpr_lo) - stats.norm.ppf(fnr_lo))
+    return lower, _mu_point(fp, fn, n_out, n_in), max(upper, lower)
+
+
+def gaussian_mu_estimate(
+    scores_in: ArrayLike, scores_out: ArrayLike, confidence: float = 0.95, *, higher_is_in: bool = False
+) -> tuple[float, float, float]:
+    """``(estimate, lower, upper)`` of mu = (mean_out - mean_in) / pooled sd (sign by ``higher_is_in``).
+
+    A parametric estimate for scores that are Gaussian with equal variance under both hypotheses (e.g. the
+    white-box projection after one step of full-batch DP-GD): then mu is the trade-off curve's GDP parameter.
+    The two-sided interval at ``confidence`` uses the large-sample standard error
+    sqrt(1/n_in + 1/n_out + mu^2 / (2 (n_in + n_out))). Not a privacy bound (it trusts the Gaussian shape); a
+    sanity statistic.
+    """
+    s_in = _check_scores("scores_in", scores_in)
+    s_out = _check_scores("scores_out", scores_out)
+    if s_in.size < 2 or s_out.size < 2:
+        raise ValueError(f"need >= 2 scores per side, got {s_in.size} IN and {s_out.size} OUT.")
+    confidence = _check_confidence(confidence)
+    pooled = ((s_in.size - 1) * s_in.var(ddof=1) + (s_out.size - 1) * s_out.var(ddof=1)) / (s_in.size + s_out.size - 2)
+    if not pooled > 0:
+        raise ValueError("The scores have zero variance; mu is undefined (noise off?).")
+    mu = float((s_in.mean() - s_out.mean()) if higher_is_in else (s_out.mean() - s_in.mean())) / math.sqrt(pooled)
+    se = math.sqrt(1.0 / s_in.size + 1.0 / s_out.size + mu * mu / (2.0 * (s_in.size + s_out.size)))
+    z = float(stats.norm.isf((1.0 - confidence) / 2.0))
+    return mu, mu - z * se, mu + z * se
+
+
+def selection_objective(estimator: str, delta: float, confidence: float = 0.95) -> Callable[[int, int, int, int], float]:
+    """The objective an estimator's threshold is chosen with on the reference models: its own bound first.
+
+    ``gdp``: mu_lower (monotone in the GDP eps at any delta); ``clopper_pearson``: the Clopper-Pearson eps, with
+    mu_lower breaking the tie where a small reference split certifies 0 at every threshold. Youden's J
+    (1 - FPR - FNR) breaks the remaining ties, instead of the smallest candidate.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}.")
+    delta = _check_delta(delta)
+    confidence = _check_confidence(confidence)
+    half_beta = (1.0 - confidence) / 2.0
+
+    def objective(fp: Any, fn: Any, n_out: int, n_in: int) -> Any:
+        """Scalars -> float; arrays of counts -> array (``select_threshold`` calls it once for all candidates)."""
+        scalar = np.ndim(fp) == 0 and np.ndim(fn) == 0
+        fp, fn = np.asarray(fp, dtype=np.float64), np.asarray(fn, dtype=np.float64)
+        fpr_u, fnr_u = _cp_upper(fp, n_out, half_beta), _cp_upper(fn, n_in, half_beta)
+        value = 1e3 * _mu_from_rates(fpr_u, fnr_u) + (1.0 - fp / n_out - fn / n_in)
+        if estimator == "clopper_pearson":
+            eps_a, eps_b = _eps_from_rates(fpr_u, fnr_u, delta)
+            value = value + 1e6 * np.maximum(np.maximum(eps_a, eps_b), 0.0)
+        return float(value) if scalar else value
+
+    objective.vectorized = True  # type: ignore[attr-defined]
+    return objective
+
+
+@dataclass(frozen=True)
+class ScoreSplit:
+    """Scores of one split of models: IN (trained with the canary) and OUT, each model named by a hashable id."""
+
+    scores_in: np.ndarray
+    scores_out: np.ndarray
+    ids_in: tuple[Any, ...]
+    ids_out: tuple[Any, ...]
+
+    def __post_init__(self) -> None:
+        s_in = _check_scores("scores_in", self.scores_in)
+        s_out = _check_scores("scores_out", self.scores_out)
+        ids_in, ids_out = tuple(self.ids_in), tuple(self.ids_out)
+        if len(ids_in) != s_in.size or len(ids_out) != s_out.size:
+            raise ValueError(
+                f"one id per model: {len(ids_in)} ids for {s_in.size} IN scores, {len(ids_out)} for {s_out.size} OUT."
+            )
+        if len(set(ids_in + ids_out)) != len(ids_in) + len(ids_out):
+            raise ValueError("A model id appears twice in one split (or as both IN and OUT).")
+        object.__setattr__(self, "scores_in", s_in)
+        object.__setattr__(self, "scores_out", s_out)
+        object.__setattr__(self, "ids_in", ids_in)
+        object.__setattr__(self, "ids_out", ids_out)
+
+    @property
+    def ids(self) -> set[Any]:
+        return set(self.ids_in) | set(self.ids_out)
+
+
+@dataclass(frozen=True)
+class EstimateResult:
+    """An estimator's bound: threshold from the reference split, counts and bound from the evaluation split.
+
+    ``epsilon`` is the estimator's lower bound (Clopper-Pearson eps, or the GDP eps of ``mu_lower``);
+    ``reference`` holds the counts at the chosen threshold on the reference split (a diagnostic, never a bound).
+    ``max_certifiable`` is the estimator's bound for zero errors on the evaluation counts.
+    """
+
+    estimator: str
+    assumption: str
+    epsilon: float
+    mu_lower: float
+    mu_estimate: float
+    mu_upper: float
+    threshold: float
+    higher_is_in: bool
+    evaluation: AuditResult
+    reference: AuditResult
+    reference_objective: float
+    max_certifiable: float
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["evaluation"], out["reference"] = self.evaluation.as_dict(), self.reference.as_dict()
+        return out
+
+
+def estimate(
+    reference: ScoreSplit,
+    evaluation: ScoreSplit,
+    delta: float,
+    confidence: float = 0.95,
+    *,
+    estimator: str = "gdp",
+    higher_is_in: bool = False,
+) -> EstimateResult:
+    """Threshold chosen with ``estimator``'s own objective on ``reference``, bound computed on ``evaluation``.
+
+    Raises if a model id is in both splits: selecting the threshold on the models the bound is computed on (the
+    max over thresholds on the evaluation set) is optimistic. ``estimator``: ``"gdp"`` or ``"clopper_pearson"``
+    (``ASSUMPTIONS`` says what each assumes). ``delta`` > 0 for ``"gdp"`` (the conversion needs it).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}.")
+    if not isinstance(reference, ScoreSplit) or not isinstance(evaluation, ScoreSplit):
+        raise TypeError("`reference` and `evaluation` must be ScoreSplit objects (scores with model ids).")
+    shared = reference.ids & evaluation.ids
+    if reference is evaluation or shared:
+        some = sorted(map(str, shared))[:5]
+        raise ValueError(
+            f"The threshold must be chosen on models disjoint from the evaluation models; {len(shared)} model(s) are"
+            f" in both splits (e.g. {some}). Choosing it on the evaluation models inflates the bound."
+        )
+    delta = _check_delta(delta, positive=estimator == "gdp")
+    confidence = _check_confidence(confidence)
+    objective = selection_objective(estimator, delta, confidence)
+    threshold = select_threshold(
+        reference.scores_in, reference.scores_out, delta, confidence, higher_is_in=higher_is_in, objective=objective
+    )
+    ref = audit_scores(reference.scores_in, reference.scores_out, threshold, delta, confidence, higher_is_in=higher_is_in)
+    ev = audit_scores(evaluation.scores_in, evaluation.scores_out, threshold, delta, confidence, higher_is_in=higher_is_in)
+    lower, point, upper = gdp_mu_interval(ev.fp, ev.fn, ev.n_out, ev.n_in, confidence)
+    best = audit_counts(0, 0, ev.n_out, ev.n_in, delta, confidence)
+    if estimator == "gdp":
+        eps, cap = gdp_mu_to_epsilon(lower, delta), float(best.epsilon_gdp)  # type: ignore[arg-type]
+    else:
+        eps, cap = ev.epsilon, best.epsilon
+    return EstimateResult(
+        estimator=estimator,
+        assumption=ASSUMPTIONS[estimator],
+        epsilon=float(eps),
+        mu_lower=lower,
+        mu_estimate=point,
+        mu_upper=upper,
+        threshold=float(threshold),
+        higher_is_in=bool(higher_is_in),
+        evaluation=ev,
+        reference=ref,
+        reference_objective=float(objective(ref.fp, ref.fn, ref.n_out, ref.n_in)),
+        max_certifiable=float(cap),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

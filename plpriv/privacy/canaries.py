@@ -267,6 +267,7 @@ class CraftResult:
     label: int
     objective: list[float]
     gap: list[float]  # mean OUT loss - mean IN loss along the way
+    iterates: list[Tensor] = field(default_factory=list)  # the input at which each objective value was taken
 
 
 def _losses(models: Sequence[nn.Module], x: Tensor, y: Tensor) -> Tensor:
@@ -296,7 +297,8 @@ def craft_canary(
     (the gap is a first-order estimate around it; re-train them with the new image and call again for another
     round). Without ``models_in`` the IN term is dropped and J = mean_out L / sqrt(var_out + floor): an adversarial
     example against the models that never saw it. The label stays fixed (pick it e.g. with
-    :func:`least_likely_label`). Models are put in eval mode and are not changed.
+    :func:`least_likely_label`). Models are put in eval mode and are not changed. ``iterates`` keeps every input
+    visited, so that the stopping step can be chosen on other models (few crafting models overfit).
     """
     if not models_out:
         raise ValueError("`models_out` must hold at least one model trained without the canary.")
@@ -337,12 +339,14 @@ def craft_canary(
     opt = torch.optim.Adam([x], lr=lr)
     history: list[float] = []
     gaps: list[float] = []
+    iterates: list[Tensor] = []
     best_x, best_j = x.detach().clone(), -float("inf")
     try:
         for step in range(steps + 1):
             j, gap = objective(x)
             history.append(float(j.detach()))
             gaps.append(float(gap.detach()))
+            iterates.append(x.detach().clone())
             if history[-1] > best_j:
                 best_j, best_x = history[-1], x.detach().clone()
             if step == steps:
@@ -359,4 +363,4 @@ def craft_canary(
             m.train(state)
             for p, flag in zip(m.parameters(), flags):
                 p.requires_grad_(flag)
-    return CraftResult(best_x, int(label), history, gaps)
+    return CraftResult(best_x, int(label), history, gaps, iterates)

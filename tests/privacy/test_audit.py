@@ -10,10 +10,17 @@ import pytest
 from scipy import stats
 
 from plpriv.privacy.audit import (
+    ASSUMPTIONS,
     AuditResult,
+    ScoreSplit,
     audit_counts,
     audit_scores,
+    clopper_pearson_lower,
     clopper_pearson_upper,
+    estimate,
+    gaussian_mu_estimate,
+    gdp_mu_interval,
+    selection_objective,
     epsilon_lower_bound,
     gdp_delta,
     gdp_epsilon_lower_bound,
@@ -361,3 +368,114 @@ def test_one_run_validation() -> None:
         one_run_epsilon_lower_bound(20, 10, 5, confidence=1.5)
     with pytest.raises(ValueError, match="epsilon.*-1"):
         one_run_p_value(20, 10, 5, -1.0)
+
+
+# ------------------------------------------------------------------------ estimators with a reference / eval split
+
+
+@pytest.mark.parametrize(("k", "n"), [(1, 50), (3, 50), (10, 1000), (500, 1000), (1000, 1000)])
+def test_clopper_pearson_lower_is_exact_binomial_tail(k: int, n: int) -> None:
+    alpha = 0.025
+    p_l = clopper_pearson_lower(k, n, alpha)
+    assert stats.binom.sf(k - 1, n, p_l) == pytest.approx(alpha, rel=1e-6)  # P[Bin(n, p_l) >= k] = alpha
+    assert p_l < k / n and clopper_pearson_lower(0, n, alpha) == 0.0
+
+
+def _gaussian_splits(rng, mu: float, n_ref: int, n_eval: int) -> tuple[ScoreSplit, ScoreSplit]:
+    """Equal-variance Gaussian scores (lower = IN): the trade-off curve is exactly G_mu at every threshold."""
+    ref = ScoreSplit(rng.normal(-mu, 1, n_ref), rng.normal(0, 1, n_ref),
+                     [f"ref-in-{i}" for i in range(n_ref)], [f"ref-out-{i}" for i in range(n_ref)])
+    ev = ScoreSplit(rng.normal(-mu, 1, n_eval), rng.normal(0, 1, n_eval),
+                    [f"ev-in-{i}" for i in range(n_eval)], [f"ev-out-{i}" for i in range(n_eval)])
+    return ref, ev
+
+
+@pytest.mark.parametrize("mu", [0.5, 1.0, 2.0])
+def test_gdp_estimator_recovers_mu_of_gaussian_scores(mu: float) -> None:
+    """Synthetic scores with known mu: the GDP estimator's interval covers it at (at least) its confidence, its
+    lower bound is below it (one-sided 95%), its point estimate is unbiased to a few hundredths, and the eps it
+    certifies is the conversion of mu_lower, never above the mechanism's own eps(mu)."""
+    rng = np.random.default_rng(int(mu * 10))
+    trials, hits, below, points = 120, 0, 0, []
+    eps_true = gdp_mu_to_epsilon(mu, 1e-5)
+    for _ in range(trials):
+        ref, ev = _gaussian_splits(rng, mu, 50, 300)
+        r = estimate(ref, ev, 1e-5, 0.95, estimator="gdp")
+        hits += r.mu_lower <= mu <= r.mu_upper
+        below += r.mu_lower <= mu
+        points.append(r.mu_estimate)
+        assert r.epsilon == pytest.approx(gdp_mu_to_epsilon(r.mu_lower, 1e-5), rel=1e-9)
+        assert r.max_certifiable > r.epsilon
+    assert below / trials >= 0.93  # one-sided 95% (binomial slack for 120 trials)
+    assert hits / trials >= 0.88  # two-sided >= 90%
+    assert abs(np.mean(points) - mu) < 0.06
+    assert np.mean(points) - 2 * np.std(points) / math.sqrt(trials) < mu + 0.06
+    # with 300 models per side the bound is close to the truth at mu = 2 (near-tight audit) and below eps(mu)
+    if mu == 2.0:
+        ref, ev = _gaussian_splits(np.random.default_rng(7), mu, 50, 300)
+        r = estimate(ref, ev, 1e-5)
+        assert 0.75 * eps_true < r.epsilon < eps_true
+
+
+def test_gaussian_mu_estimate_covers_mu() -> None:
+    rng = np.random.default_rng(3)
+    hits = 0
+    for _ in range(200):
+        mu_hat, lo, hi = gaussian_mu_estimate(rng.normal(-3.0, 1.5, 400), rng.normal(0.0, 1.5, 400), 0.95)  # mu = 3 / 1.5
+        hits += lo <= 2.0 <= hi
+    assert hits / 200 >= 0.92
+    mu_hat, lo, hi = gaussian_mu_estimate([2.0, 4.0], [0.0, 2.0], higher_is_in=True)
+    assert mu_hat == pytest.approx(2.0 / math.sqrt(2.0)) and lo < mu_hat < hi
+    with pytest.raises(ValueError, match="zero variance"):
+        gaussian_mu_estimate([1.0, 1.0], [1.0, 1.0])
+
+
+def test_threshold_is_chosen_on_reference_and_bound_computed_on_evaluation() -> None:
+    """The selection split never evaluates: overlapping model ids are refused, and the reported counts are those
+    of the *reference* threshold on the evaluation models, not the best threshold on the evaluation models."""
+    rng = np.random.default_rng(11)
+    ref, ev = _gaussian_splits(rng, 1.5, 40, 200)
+    with pytest.raises(ValueError, match="disjoint"):
+        estimate(ref, ref, 1e-5)
+    leaky = ScoreSplit(ev.scores_in, ev.scores_out, ev.ids_in[:-1] + (ref.ids_in[0],), ev.ids_out)
+    with pytest.raises(ValueError, match="1 model"):
+        estimate(ref, leaky, 1e-5)
+    with pytest.raises(ValueError, match="twice"):
+        ScoreSplit([0.0, 1.0], [2.0], ["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="one id per model"):
+        ScoreSplit([0.0, 1.0], [2.0], ["a"], ["b"])
+    with pytest.raises(TypeError, match="ScoreSplit"):
+        estimate((ref.scores_in, ref.scores_out), ev, 1e-5)  # type: ignore[arg-type]
+    for est in ("gdp", "clopper_pearson"):
+        r = estimate(ref, ev, 1e-5, estimator=est)
+        objective = selection_objective(est, 1e-5)
+        assert r.threshold == select_threshold(ref.scores_in, ref.scores_out, 1e-5, objective=objective)
+        counted = audit_scores(ev.scores_in, ev.scores_out, r.threshold, 1e-5)
+        assert (r.evaluation.fp, r.evaluation.fn) == (counted.fp, counted.fn)
+        optimistic = select_threshold(ev.scores_in, ev.scores_out, 1e-5, objective=objective)
+        best = audit_scores(ev.scores_in, ev.scores_out, optimistic, 1e-5)
+        bound = best.epsilon_gdp if est == "gdp" else best.epsilon
+        assert r.epsilon <= bound + 1e-12  # the max over evaluation thresholds is the optimistic number
+        assert r.assumption == ASSUMPTIONS[est]
+    assert "Gaussian" in ASSUMPTIONS["gdp"] and "any (eps, delta)-DP" in ASSUMPTIONS["clopper_pearson"]
+
+
+def test_selection_objectives_rank_by_their_own_bound() -> None:
+    gdp, cp = selection_objective("gdp", 1e-5), selection_objective("clopper_pearson", 1e-5)
+    # (FP, FN) on 100 / 100: a low-FPR point wins on CP, a balanced point on GDP's mu
+    tail, balanced = (0, 60), (12, 12)
+    assert epsilon_lower_bound(*tail, 100, 100, 1e-5) > epsilon_lower_bound(*balanced, 100, 100, 1e-5)
+    assert gdp_mu_lower_bound(*balanced, 100, 100) > gdp_mu_lower_bound(*tail, 100, 100)
+    assert cp(*tail, 100, 100) > cp(*balanced, 100, 100) and gdp(*balanced, 100, 100) > gdp(*tail, 100, 100)
+    with pytest.raises(ValueError, match="estimator"):
+        selection_objective("auc", 1e-5)
+
+
+def test_gdp_mu_interval_formula() -> None:
+    lo, point, hi = gdp_mu_interval(10, 40, 200, 200, 0.95)
+    u_fp, u_fn = clopper_pearson_upper(10, 200, 0.025), clopper_pearson_upper(40, 200, 0.025)
+    l_fp, l_fn = clopper_pearson_lower(10, 200, 0.025), clopper_pearson_lower(40, 200, 0.025)
+    assert lo == pytest.approx(stats.norm.isf(u_fp) - stats.norm.ppf(u_fn), rel=1e-12)
+    assert hi == pytest.approx(stats.norm.isf(l_fp) - stats.norm.ppf(l_fn), rel=1e-12)
+    assert point == pytest.approx(stats.norm.isf(10.5 / 201) - stats.norm.ppf(40.5 / 201), rel=1e-12)
+    assert lo < point < hi and gdp_mu_interval(0, 0, 50, 50)[2] == math.inf

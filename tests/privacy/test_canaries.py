@@ -217,6 +217,10 @@ def test_craft_canary_respects_max_change_and_leaves_models_untouched() -> None:
         return losses.mean() / math.sqrt(losses.var() + 0.01)
 
     assert standardised_out_loss(res.image) == pytest.approx(max(res.objective), rel=1e-4)
+    # every visited input is kept (the stopping step can be chosen on other models): iterate i has objective i
+    assert len(res.iterates) == len(res.objective) == 31 and torch.equal(res.iterates[0], x0)
+    assert torch.equal(res.iterates[int(np.argmax(res.objective))], res.image)
+    assert standardised_out_loss(res.iterates[7]) == pytest.approx(res.objective[7], rel=1e-4)
     assert standardised_out_loss(res.image) > standardised_out_loss(x0) == pytest.approx(res.objective[0], rel=1e-4)
     for m, p in zip(models_out, before):
         torch.testing.assert_close(flat_parameters(m), p)
