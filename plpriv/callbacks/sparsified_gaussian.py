@@ -18,15 +18,18 @@ train batches into client ids.
     (FedSGD), clipped to C, masked with its own mask (key: its client id), and only the ~gamma d kept values are
     summed; the noise is added once. Under DDP each rank hosts the clients the Poisson sampler gives it, and the
     ranks exchange only the kept values (``all_gather`` of packed values; indices regenerated from the seed) instead
-    of DP-SGD's dense all-reduce; every rank adds the same noise (same seeded generator), so nothing dense is sent.
+    of DP-SGD's dense all-reduce: the sum of its clients' masked updates on the union of their masks, whose indices
+    every rank regenerates from the client ids' seeds (at most min(clients x gamma, 1) d values); every rank adds the
+    same noise (same seeded generator), so nothing dense is sent.
     (Not a Lightning ``ddp_comm_hook``: those see the gradient buckets of one backward pass, i.e. the unclipped batch
     gradient, while the values to send exist only after per-client clipping and masking in the optimizer step;
     DPSGD already disables DDP's own gradient sync.)
 
 Logged with ``dp/*``: ``comm/keep_fraction``, ``comm/bytes_per_step`` (the kept values all participants of the
 step send, counted from the packed tensors), ``comm/dense_bytes_per_step`` (d values each), ``comm/compression``;
-under DDP with clients also ``comm/rank_bytes_sent`` (this rank's all_gather volume, ring: (W-1) x its chunk) and
-``comm/rank_dense_bytes`` (a ring all-reduce of d values: 2 (W-1)/W x d values).
+under DDP with clients (``comm/*_bytes_per_step`` count the clients of all ranks) also ``comm/rank_bytes_sent``
+(this rank's all_gather volume, ring: (W-1) x its padded chunk) and ``comm/rank_dense_bytes`` (DP-SGD's ring
+all-reduce of d values: 2 (W-1)/W x d values).
 
 Refused before training, naming the value: ``keep_fraction`` outside (0, 1], client ids the data does not have,
 ghost clipping (no per-sample gradients to mask), ``secure_mode``, and with clients: manual optimization and
@@ -127,49 +130,50 @@ class _Sparsifier:
         stats = {"comm/keep_fraction": self.dp.keep_fraction, "participants": float(len(keys)),
                  "comm/bytes_per_step": float(packed.numel() * elem),
                  "comm/dense_bytes_per_step": float(len(keys) * dim * elem)}
+        dense = updates if masks is None else unpack(packed, masks)
         if self.sparse_exchange:
-            total, stats_ddp = self._exchange(packed, keys, dim, elem)
+            total, stats_ddp = self._exchange(dense.sum(0), keys, masks, elem)
             stats.update(stats_ddp)
         else:
-            dense = updates if masks is None else unpack(packed, masks)
             total = dense.sum(0)
         if stats["comm/bytes_per_step"]:
             stats["comm/compression"] = stats["comm/dense_bytes_per_step"] / stats["comm/bytes_per_step"]
         self.stats = stats
         return total
 
-    def _exchange(self, packed: torch.Tensor, keys: list[int], dim: int, elem: int
+    def _exchange(self, local: torch.Tensor, keys: list[int], masks: torch.Tensor | None, elem: int
                   ) -> tuple[torch.Tensor, dict[str, float]]:
-        """DDP with clients: all_gather every rank's packed kept values and client ids (sizes first), rebuild every
-        client's update from its regenerated mask, sum in the single-process order (global batch position)."""
+        """DDP with clients: every rank sends the sum of its clients' masked updates on the union of their masks
+        (<= min(clients x gamma, 1) d values) and its client ids; the receivers regenerate the union from the ids'
+        seeds. all_gather (sizes first: tiny), then every rank adds the ranks' parts in rank order."""
         import torch.distributed as dist
 
-        device, w = packed.device, self.world_size
-        meta = torch.tensor([len(keys), packed.numel()], dtype=torch.long, device=device)
+        device, w, dim = local.device, self.world_size, local.numel()
+        union = torch.ones(dim, dtype=torch.bool) if masks is None else masks.any(0)
+        values = local[union.to(device)]
+        meta = torch.tensor([len(keys), values.numel()], dtype=torch.long, device=device)
         metas = [torch.zeros_like(meta) for _ in range(w)]
         dist.all_gather(metas, meta)
         counts, lengths = [int(m[0]) for m in metas], [int(m[1]) for m in metas]
         key_buf = torch.zeros(max(1, *counts), dtype=torch.long, device=device)  # (no zero-size collectives)
         key_buf[: len(keys)] = torch.tensor(keys, dtype=torch.long, device=device)
-        val_buf = packed.new_zeros(max(1, *lengths))
-        val_buf[: packed.numel()] = packed
-        all_keys, all_vals = [torch.zeros_like(key_buf) for _ in range(w)], [torch.zeros_like(val_buf) for _ in range(w)]
+        val_buf = local.new_zeros(max(1, *lengths))
+        val_buf[: values.numel()] = values
+        all_keys = [torch.zeros_like(key_buf) for _ in range(w)]
+        all_vals = [torch.zeros_like(val_buf) for _ in range(w)]
         dist.all_gather(all_keys, key_buf)
         dist.all_gather(all_vals, val_buf)
-        rows: dict[int, torch.Tensor] = {}
+        total, kept = local.new_zeros(dim), 0
         for r in range(w):
-            rank_keys = [int(k) for k in all_keys[r][: counts[r]]]
-            masks = self.masks(rank_keys, dim)
-            if masks is None:
-                dense = all_vals[r][: lengths[r]].reshape(len(rank_keys), dim)
-            else:
-                dense = unpack(all_vals[r][: lengths[r]], masks)
-            for j in range(len(rank_keys)):
-                rows[r + w * j] = dense[j]  # the client's position in the global Poisson batch
-        total = torch.stack([rows[p] for p in sorted(rows)]).sum(0) if rows else packed.new_zeros(dim)
+            rank_masks = self.masks([int(k) for k in all_keys[r][: counts[r]]], dim)
+            kept += counts[r] * dim if rank_masks is None else int(rank_masks.sum())
+            rank_union = torch.ones(dim, dtype=torch.bool) if rank_masks is None else rank_masks.any(0)
+            if int(rank_union.sum()) != lengths[r]:
+                raise RuntimeError(f"SparsifiedGaussian: rank {r}'s masks regenerated here differ from its own.")
+            total = total + unpack(all_vals[r][: lengths[r]], rank_union)
         chunk = meta.numel() * meta.element_size() + key_buf.numel() * 8 + val_buf.numel() * elem
-        global_bytes = float(sum(lengths) * elem)
-        return total, {"comm/bytes_per_step": global_bytes, "comm/dense_bytes_per_step": float(sum(counts) * dim * elem),
+        return total, {"comm/bytes_per_step": float(kept * elem),
+                       "comm/dense_bytes_per_step": float(sum(counts) * dim * elem),
                        "comm/rank_bytes_sent": float((w - 1) * chunk),
                        "comm/rank_dense_bytes": float(2 * (w - 1) / w * dim * elem)}
 
@@ -370,8 +374,8 @@ class SparsifiedGaussian(DPSGD):
             sizes = [batch_size_of(b) for b in batches]
             data = _cat(batches) if batches else _empty(source.client_batch(first))
             sparsifier.keys = ids  # type: ignore[union-attr]
-            sparsifier.groups = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor(sizes, dtype=torch.long)  # type: ignore[union-attr]
-                                                        if sizes else torch.zeros(0, dtype=torch.long))
+            counts = torch.tensor(sizes, dtype=torch.long) if sizes else torch.zeros(0, dtype=torch.long)
+            sparsifier.groups = torch.repeat_interleave(torch.arange(len(ids)), counts)  # type: ignore[union-attr]
             return dp_step(move_data_to_device(data, pl_module.device), *args, **kwargs)
 
         pl_module.training_step = client_step  # type: ignore[method-assign]

@@ -356,8 +356,10 @@ def sparsified_gaussian_noise_multiplier(target_epsilon: float, delta: float, sa
     keep_fraction, mask = check_keep_fraction(keep_fraction), _check_mask(mask)
     if steps <= 0:
         raise ValueError(f"`steps` must be positive to calibrate the noise, got {steps!r}.")
-    dpsgd_sigma = lambda: calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant,  # noqa: E731
-                                                     epsilon_tolerance=tolerance)
+    def dpsgd_sigma() -> float:
+        return calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant,
+                                          epsilon_tolerance=tolerance)
+
     if keep_fraction == 1.0 or mask == "k_subset":
         return dpsgd_sigma()
     history = lambda s: [(s, sample_rate, steps)]  # noqa: E731

@@ -49,7 +49,8 @@ class ToyClients(LightningDataModule):
     def __init__(self, clients: int = 12, per_client: int = 3, clients_per_round: int = 4,
                  missing: tuple[int, ...] = (), dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.clients, self.per_client, self.clients_per_round, self.missing = clients, per_client, clients_per_round, missing
+        self.clients, self.per_client, self.clients_per_round = clients, per_client, clients_per_round
+        self.missing = missing
         x, y = toy_tensors(clients * per_client, seed=3)
         self.x, self.y = x.to(dtype), y
 
@@ -325,7 +326,8 @@ def test_ddp_exchanges_kept_values_only_and_equals_the_single_process_run(tmp_pa
 
 
 # --------------------------------------------------------------------------- recipes and fragment
-@pytest.mark.parametrize("recipe", ["recipes/sparsified/digits_examples.yaml", "recipes/sparsified/digits_clients.yaml"])
+@pytest.mark.parametrize("recipe", ["recipes/sparsified/digits_examples.yaml",
+                                    "recipes/sparsified/digits_clients.yaml"])
 def test_sparsified_recipes_train_and_account(tmp_path: Path, recipe: str) -> None:
     from plpriv.cli import PlprivCLI
 
