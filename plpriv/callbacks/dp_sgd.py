@@ -368,7 +368,7 @@ class DPSGD(Callback):
         device = next((p.device for g in original.param_groups for p in g["params"]), torch.device("cpu"))
         self._generator = self._secure_rng if self.secure_mode else torch.Generator(device=device)
         self._reseed_noise()
-        dp_optimizer = self._dp_optimizer_class(trainer)(
+        dp_optimizer = self.dp_optimizer_class(trainer)(
             optimizer=original, noise_multiplier=sigma, max_grad_norm=self.max_grad_norm,
             expected_batch_size=self.expected_batch_size / trainer.world_size,  # type: ignore[operator]
             loss_reduction="mean", generator=self._generator, secure_mode=self.secure_mode,
@@ -390,7 +390,7 @@ class DPSGD(Callback):
             f" {'Poisson' if self.poisson_sampling else 'fixed-size'} batches, grad_sample_mode={self.grad_sample_mode}."
         )
 
-    def _dp_optimizer_class(self, trainer: Trainer) -> type[DPOptimizer]:
+    def dp_optimizer_class(self, trainer: Trainer) -> type[DPOptimizer]:
         """Extension point: the opacus optimizer class (flat clipping); subclasses may return a subclass of it."""
         return get_optimizer_class(clipping="flat", distributed=trainer.world_size > 1,
                                    grad_sample_mode=self.grad_sample_mode)

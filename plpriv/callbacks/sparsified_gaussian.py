@@ -4,7 +4,7 @@ knows; the mechanism and its accountant are :mod:`plpriv.privacy.sparsified_gaus
 
 One implementation of the Lightning wiring: :class:`SparsifiedGaussian` is a :class:`~plpriv.callbacks.DPSGD`
 (Poisson loader, per-sample hooks, seed and secret file, budget, resume, refusals, logging) that changes three
-things: the opacus optimizer (``DPSGD._dp_optimizer_class``) masks every participant's clipped update before the
+things: the opacus optimizer (``DPSGD.dp_optimizer_class``) masks every participant's clipped update before the
 sum and divides by ``B gamma``; the ledger accounts the sparsified mechanism; ``participants="clients"`` turns the
 train batches into client ids.
 
@@ -310,8 +310,8 @@ class SparsifiedGaussian(DPSGD):
         self._first_client = 0
 
     # ------------------------------------------------------------------ DPSGD extension points
-    def _dp_optimizer_class(self, trainer: Trainer) -> type[DPOptimizer]:
-        return _sparsifying_class(super()._dp_optimizer_class(trainer))
+    def dp_optimizer_class(self, trainer: Trainer) -> type[DPOptimizer]:
+        return _sparsifying_class(super().dp_optimizer_class(trainer))
 
     def _on_dp_step(self, optimizer: DPOptimizer) -> None:
         super()._on_dp_step(optimizer)
