@@ -35,6 +35,19 @@ _SAMPLER_KEYS = frozenset(
 )
 
 
+def network_weights(path: str) -> dict[str, torch.Tensor]:
+    """The raw network's weights from a plpriv EDM checkpoint (its EMA weights first) or a plain state dict."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"`init_checkpoint` {path!r} holds no state dict")
+    for prefix in ("ema.model.", "net.model.", "model.", ""):
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if weights:
+            return weights
+    raise ValueError(f"`init_checkpoint` {path!r} holds an empty state dict")
+
+
 class NonLeakingAugment(nn.Module):
     """Geometric augmentation whose parameters are handed to the network (EDM Appendix B.1, "non-leaking").
 
@@ -256,14 +269,7 @@ class EDM(LightningModule):
         self._checkpoint_epoch: int | None = None  # `plpriv validate --ckpt_path`: names the grid by its epoch
 
     def _load_init_weights(self, path: str) -> None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-        if not isinstance(state, dict):
-            raise ValueError(f"`init_checkpoint` {path!r} holds no state dict")
-        for prefix in ("ema.model.", "net.model.", "model.", ""):
-            weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if weights:
-                break
+        weights = network_weights(path)
         result = self.net.model.load_state_dict(weights, strict=False)
         from plpriv.nets.lora import lora_parameters
 

@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from plpriv.modules.edm import EDM
+from plpriv.modules.edm import EDM, network_weights
 from plpriv.nets.edm_precond import EDMPrecond
 from plpriv.nets.itb import ITB_KINDS, install_itbs, sigma_from_timestep_fraction
 from plpriv.nets.raunet import SigmaRoutedUNet
@@ -22,14 +22,7 @@ __all__ = ["LoyalDiffusion", "LoyalStableDiffusion"]
 
 def _load_base(net: nn.Module, path: str) -> None:
     """Load a plpriv EDM checkpoint (its EMA weights) or a plain state dict of the raw network into ``net``."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"`init_checkpoint` {path!r} holds no state dict")
-    for prefix in ("ema.model.", "net.model.", "model.", ""):
-        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if weights:
-            break
+    weights = network_weights(path)
     result = net.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"`init_checkpoint` {path!r} does not fit the base network: missing "
