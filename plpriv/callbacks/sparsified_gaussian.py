@@ -202,7 +202,7 @@ class _SparsifyingOptimizer:
             _check_processed_flag(p.grad_sample)
             grads.append(self._get_flat_grad_sample(p).to(p.dtype))  # type: ignore[attr-defined]
         n = grads[0].shape[0]
-        flat = torch.cat([g.reshape(n, -1) for g in grads], 1)
+        flat = torch.cat([g.flatten(1) for g in grads], 1)  # flatten, not reshape(n, -1): n is 0 on empty rounds
         keys, groups = sp.participants(n)
         if groups is not None:  # clients: each client's update is the mean gradient over its examples
             groups = groups.to(flat.device)

@@ -168,6 +168,21 @@ def test_client_update_is_the_clipped_masked_sum_of_client_mean_gradients(tmp_pa
     assert sg.sample_rate == pytest.approx(4 / 12) and sg.num_samples == 12  # q over clients
 
 
+@pytest.mark.parametrize("participants", ["examples", "clients"])
+def test_empty_poisson_rounds_are_noise_only_steps(tmp_path: Path, participants: str) -> None:
+    # q N = 1: P(empty) = (11/12)^12 ~ 0.35 per round, so 24 rounds without one has probability ~3e-5
+    recorder = BatchRecorder()
+    sg = SparsifiedGaussian(0.3, max_grad_norm=0.5, noise_multiplier=1.0, seed=5, target_delta=1e-3,
+                            accountant="rdp", participants=participants, plot=False)
+    data = ToyClients(clients_per_round=1) if participants == "clients" else ToyData(n=12, batch_size=1)
+    model = ToyClassifier()
+    make_trainer(tmp_path, [sg, recorder], max_steps=24).fit(model, data)
+    sizes = [len(b[0]) if isinstance(b, (list, tuple)) else len(b) for b in recorder.batches]
+    assert 0 in sizes
+    assert sg.steps == 24 and sum(n for _, _, n in sg.history) == 24  # empty rounds are steps, and accounted
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 # --------------------------------------------------------------------------- resume, records, logs
 @pytest.mark.parametrize("participants", ["examples", "clients"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, participants: str) -> None:
