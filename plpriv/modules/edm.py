@@ -3,6 +3,7 @@ without LoRA-conditioned attention (Choi et al., TMLR 2024)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -367,33 +368,52 @@ class EDM(LightningModule):
         return self.trainer.world_size if self._trainer is not None else 1
 
     @contextmanager
-    def _seeded(self, *parts: int) -> Iterator[None]:
-        """Run a block with the global RNG (dropout, sigma, noise) seeded by ``parts``; restore the RNG afterwards."""
+    def seeded(self, *parts: int) -> Iterator[None]:
+        """Run a block with the global RNG (dropout, sigma, noise) seeded by ``(seed, *parts)``; restore it afterwards.
+
+        Streams used here: ``(0, global_step, rank, batch_idx)`` training (:meth:`training_rng`), ``(1, batch_idx,
+        rank)`` validation loss; a subclass drawing its own randomness should use another first part.
+        """
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
             torch.manual_seed(derive_seed(self.seed, *parts))
             yield
 
-    def _labels(self, y: Tensor | None) -> Tensor | None:
+    def training_rng(self, batch_idx: int) -> contextlib.AbstractContextManager[None]:
+        """The training step's random stream (sigma, noise, augmentation, dropout), seeded by ``(seed, 0,
+        global_step, rank, batch_idx)``: a resumed run draws what an uninterrupted one would."""
+        return self.seeded(0, self.global_step, self._rank(), batch_idx)
+
+    def conditioning_labels(self, y: Tensor | None) -> Tensor | None:
+        """The class labels handed to the network: ``y`` for a class-conditional model, else ``None``."""
         return y if self.num_classes and y is not None else None
 
     @staticmethod
-    def _unpack(batch: Any) -> tuple[Tensor, Tensor | None]:
+    def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+        """``(images, labels or None)`` from a batch that is an image tensor or an ``(images, labels, ...)`` tuple."""
         if isinstance(batch, (list, tuple)):
             return batch[0], (batch[1] if len(batch) > 1 else None)
         return batch, None
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images, labels = self._unpack(batch)
+    def prepare_training_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        """Start a training step: unpack ``batch``, check the image shape, record the global batch size (images per
+        optimizer step over all ranks, read by the lr ramp and the EMA step); returns ``(images,
+        conditioning labels)``."""
+        images, labels = self.unpack_batch(batch)
         if tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"EDM expects images {self.image_shape}, got {tuple(images.shape[1:])}: match the data's "
-                             "image_size/channels to the network's img_resolution/in_channels")
+            raise ValueError(f"{type(self).__name__} expects images {self.image_shape}, got "
+                             f"{tuple(images.shape[1:])}: match the data's image_size/channels to the network's "
+                             "img_resolution/in_channels")
         self._global_batch = images.shape[0] * self._world_size() * self.trainer.accumulate_grad_batches
-        with self._seeded(0, self.global_step, self._rank(), batch_idx):
+        return images, self.conditioning_labels(labels)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels = self.prepare_training_batch(batch)
+        with self.training_rng(batch_idx):
             augment_labels = None
             if self.augment is not None:
                 images, augment_labels = self.augment(images)
-            loss = self.loss_fn(self.net, images, self._labels(labels), augment_labels)
+            loss = self.loss_fn(self.net, images, labels, augment_labels)
         self.log("train/loss", loss.mean(), prog_bar=True, batch_size=images.shape[0])
         return loss.sum(dim=tuple(range(1, loss.ndim))).mean()  # EDM: sum over pixels, mean over images
 
@@ -428,10 +448,10 @@ class EDM(LightningModule):
 
     # -------------------------------------------------------------------------------------------- validation ---
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        images, labels = self._unpack(batch)
-        labels = self._labels(labels)
+        images, labels = self.unpack_batch(batch)
+        labels = self.conditioning_labels(labels)
         n = images.shape[0]
-        with self._seeded(1, batch_idx, self._rank()):
+        with self.seeded(1, batch_idx, self._rank()):
             loss = self.loss_fn(self.ema, images, labels)
             self.log("val/loss", loss.mean(), prog_bar=True, batch_size=n, sync_dist=True)
             for s in self.val_sigmas:
@@ -450,7 +470,7 @@ class EDM(LightningModule):
         indices = list(range(self._rank(), len(dataset), self._world_size()))
         loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=self.sample_batch_size)
         for batch in loader:
-            images, _ = self._unpack(batch)
+            images, _ = self.unpack_batch(batch)
             self.fid.update(images.to(self.device), real=True)  # type: ignore[union-attr]
 
     def on_validation_epoch_end(self) -> None:
@@ -520,10 +540,10 @@ class EDM(LightningModule):
                 labels = (torch.full_like(seeds, self.predict_class) if self.predict_class is not None
                           else seeds % self.num_classes)
         else:
-            images, labels = self._unpack(batch)
+            images, labels = self.unpack_batch(batch)
             start = batch_idx * images.shape[0]
             seeds = torch.arange(start, start + images.shape[0], device=images.device)
-            labels = self._labels(labels)
+            labels = self.conditioning_labels(labels)
         # One generator per seed (as EDM's generate.py does): an image depends on its seed only, not on batching.
         latents = torch.stack([
             torch.randn(self.image_shape, generator=torch.Generator().manual_seed(derive_seed(self.seed, 3, int(s))))

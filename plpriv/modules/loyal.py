@@ -4,20 +4,22 @@ U-Net (RAU-Net) used only at high noise, trained with EDM (Karras et al., NeurIP
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from plpriv.metrics import FID, ClassifierFeatures, ReplicationScore
 from plpriv.modules.edm import EDM, network_weights
 from plpriv.nets.edm_precond import EDMPrecond
 from plpriv.nets.itb import ITB_KINDS, install_itbs, sigma_from_timestep_fraction
 from plpriv.nets.raunet import SigmaRoutedUNet
 
-__all__ = ["LoyalDiffusion", "LoyalStableDiffusion"]
+__all__ = ["LoyalDiffusion", "LoyalStableDiffusion", "generation_metrics", "select_best_threshold"]
 
 
 def _load_base(net: nn.Module, path: str) -> None:
@@ -28,6 +30,78 @@ def _load_base(net: nn.Module, path: str) -> None:
         raise ValueError(f"`init_checkpoint` {path!r} does not fit the base network: missing "
                          f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
     rank_zero_info(f"LoyalDiffusion: base weights from {path} ({len(weights)} tensors)")
+
+
+@torch.no_grad()
+def generation_metrics(
+    model: EDM,
+    replication: ReplicationScore,
+    classifier: nn.Module | None = None,
+    num_samples: int = 500,
+    seed: int = 0,
+    fid_reference: Tensor | None = None,
+    duplicated: Sequence[int] | None = None,
+    batch_size: int = 250,
+) -> tuple[dict[str, float], Tensor]:
+    """Replication and quality of ``num_samples`` class-conditional generations (EMA network, latents from ``seed``,
+    classes ``arange(N) % num_classes``); returns the metrics and the samples (clamped to ``[-1, 1]``).
+
+    Replication (Somepalli et al. 2023), from ``replication`` (reset first): ``sim_p95`` (95th percentile of the top-1
+    similarity to the reference set), ``sim_mean``, ``frac_above`` (top-1 similarity > its threshold) and the
+    background ``bg_*`` (reference vs reference); with ``duplicated`` (reference indices), ``frac_dup_replicas``:
+    generations above the threshold whose nearest reference image is one of them. Quality, given ``classifier``
+    (images in [-1, 1] -> logits): ``class_acc``, how often a generation is classified as its requested class; with
+    ``fid_reference`` images too, ``cfid``: FID in the classifier's penultimate features ("classifier-FID").
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples!r}")
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(num_samples, *model.image_shape, generator=g)
+    labels = torch.arange(num_samples) % model.num_classes if model.num_classes else None
+    model.eval()
+    x = torch.cat([model.sample(latents=latents[s: s + batch_size],
+                                class_labels=None if labels is None else labels[s: s + batch_size]).cpu()
+                   for s in range(0, num_samples, batch_size)]).clamp(-1, 1)
+    replication.reset()
+    replication.update(x)
+    sims, nearest = replication.per_sample()
+    summary = {k: float(v) for k, v in replication.compute().items()}
+    out = {"sim_p95": summary["p95"], "sim_mean": summary["mean"], "frac_above": summary["fraction_above"],
+           "bg_p95": summary["background_p95"], "bg_mean": summary["background_mean"],
+           "bg_frac_above": summary["background_fraction_above"]}
+    if duplicated is not None:
+        dup = torch.isin(nearest.cpu(), torch.as_tensor(list(duplicated))) & (sims.cpu() > replication.threshold)
+        out["frac_dup_replicas"] = float(dup.float().mean())
+    if classifier is not None:
+        classifier.eval()
+        if labels is not None:
+            out["class_acc"] = float((classifier(x).argmax(1) == labels).float().mean())
+        if fid_reference is not None:
+            fid = FID(ClassifierFeatures(classifier), input_shape=model.image_shape)
+            fid.update(fid_reference, real=True)
+            fid.update(x, real=False)
+            out["cfid"] = float(fid.compute())
+    return out, x
+
+
+def select_best_threshold(rows: Sequence[dict[str, float]], accuracy_tolerance: float = 0.02) -> dict[str, float]:
+    """The best replication / quality trade-off of a threshold sweep (rows with ``sim_p95``, ``frac_above`` and,
+    optionally, ``class_acc``).
+
+    Rule: keep the rows whose class accuracy is within ``accuracy_tolerance`` (absolute) of the sweep's best accuracy
+    ("comparable quality", as the paper compares at comparable FID); among them take the lowest ``sim_p95`` (the
+    paper's headline replication score), ties broken by the lower ``frac_above``, then the lower threshold. Without
+    ``class_acc`` every row is kept.
+    """
+    if not rows:
+        raise ValueError("select_best_threshold needs at least one row")
+    if accuracy_tolerance < 0:
+        raise ValueError(f"accuracy_tolerance must be >= 0, got {accuracy_tolerance!r}")
+    kept = list(rows)
+    if all("class_acc" in r for r in rows):
+        top = max(r["class_acc"] for r in rows)
+        kept = [r for r in rows if r["class_acc"] >= top - accuracy_tolerance]
+    return min(kept, key=lambda r: (r["sim_p95"], r["frac_above"], r.get("sigma_threshold", 0.0)))
 
 
 class LoyalDiffusion(EDM):
@@ -103,7 +177,63 @@ class LoyalDiffusion(EDM):
         """The online RAU-Net (used at and above the threshold)."""
         return self.net.model.rau
 
-    def _truncated_sigma(self, batch: int, high: bool) -> Tensor:
+    @classmethod
+    def sweep_thresholds(
+        cls,
+        make_net: Callable[[], nn.Module],
+        sigma_thresholds: Sequence[float],
+        train_dataloaders: Any,
+        replication: ReplicationScore,
+        classifier: nn.Module | None = None,
+        max_steps: int = 300,
+        num_samples: int = 500,
+        fid_reference: Tensor | None = None,
+        duplicated: Sequence[int] | None = None,
+        accuracy_tolerance: float = 0.02,
+        seed: int = 0,
+        trainer_kwargs: dict[str, Any] | None = None,
+        **model_kwargs: Any,
+    ) -> dict[str, Any]:
+        """Train one LoyalDiffusion per sigma threshold (same base weights, data, seed and ``max_steps``) and measure
+        replication and quality of its generations (:func:`generation_metrics`); pick the best trade-off by
+        :func:`select_best_threshold` (the lowest 95th-percentile similarity among the thresholds whose class
+        accuracy is within ``accuracy_tolerance`` of the best one).
+
+        ``make_net()`` builds the base network; it is called under ``torch.manual_seed(seed)`` for every threshold.
+        ``model_kwargs`` go to the constructor (``rau_levels``, ``itb``, ``optimizer``, ...), ``trainer_kwargs`` to
+        the Trainer (default: no logger, no checkpoints, no validation). Returns ``{"rows": [one dict per threshold:
+        sigma_threshold, train_s, steps and the metrics], "best": the chosen row, "rule": the rule in words,
+        "samples": [each row's generations]}``.
+        """
+        thresholds = [float(t) for t in sigma_thresholds]
+        if not thresholds:
+            raise ValueError("sigma_thresholds must name at least one noise level")
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps!r}")
+        settings = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+        settings.update(trainer_kwargs or {})
+        rows: list[dict[str, float]] = []
+        samples: list[Tensor] = []
+        for threshold in thresholds:
+            torch.manual_seed(seed)  # the same base weights for every threshold
+            model = cls(make_net(), sigma_threshold=threshold, seed=seed, **model_kwargs)  # checks the threshold
+            trainer = Trainer(max_steps=max_steps, **settings)
+            start = time.perf_counter()
+            trainer.fit(model, train_dataloaders=train_dataloaders)
+            train_s = time.perf_counter() - start
+            metrics, x = generation_metrics(model, replication, classifier, num_samples, seed + 1000, fid_reference,
+                                            duplicated)
+            rows.append({"sigma_threshold": threshold, "train_s": train_s, "steps": trainer.global_step, **metrics})
+            samples.append(x)
+            rank_zero_info(f"LoyalDiffusion sweep: sigma_threshold {threshold:g}: " +
+                           ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items() if k != "sigma_threshold"))
+        rule = (f"lowest sim_p95 among thresholds with class_acc >= best - {accuracy_tolerance:g} "
+                "(ties: lower frac_above, then lower threshold)")
+        return {"rows": rows, "best": select_best_threshold(rows, accuracy_tolerance), "rule": rule,
+                "samples": samples}
+
+    def draw_sigma(self, batch: int, high: bool) -> Tensor:
         """EDM's ln sigma ~ N(P_mean, P_std^2) (EDM Table 1) conditioned on one side of the threshold (inverse CDF)."""
         mean, std = self.loss_fn.P_mean, self.loss_fn.P_std
         cut = torch.special.ndtr(torch.tensor((torch.tensor(self.sigma_threshold).log().item() - mean) / std))
@@ -115,18 +245,14 @@ class LoyalDiffusion(EDM):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self.sigma_sampling == "shared":
             return super().training_step(batch, batch_idx)
-        images, labels = self._unpack(batch)
-        if tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"LoyalDiffusion expects images {self.image_shape}, got {tuple(images.shape[1:])}")
-        self._global_batch = images.shape[0] * self._world_size() * self.trainer.accumulate_grad_batches
+        images, y = self.prepare_training_batch(batch)
         n = images.shape[0]
         sigma_data = self.net.sigma_data
-        with self._seeded(0, self.global_step, self._rank(), batch_idx):
+        with self.training_rng(batch_idx):  # EDM's training stream: exact resume
             augment_labels = None
             if self.augment is not None:
                 images, augment_labels = self.augment(images)
-            y = self._labels(labels)
-            sigma_low, sigma_high = self._truncated_sigma(n, high=False), self._truncated_sigma(n, high=True)
+            sigma_low, sigma_high = self.draw_sigma(n, high=False), self.draw_sigma(n, high=True)
             loss_plain = self.loss_fn(EDMPrecond(self.plain_net, sigma_data), images, y, augment_labels, sigma=sigma_low)
             loss_rau = self.loss_fn(EDMPrecond(self.rau_net, sigma_data), images, y, augment_labels, sigma=sigma_high)
         self.log("train/loss_plain", loss_plain.mean(), batch_size=n)

@@ -71,7 +71,7 @@ def test_each_network_gets_gradient_only_from_its_examples() -> None:
 def test_per_network_sigma_draws_stay_on_their_side() -> None:
     model = _model()
     torch.manual_seed(0)
-    low, high = model._truncated_sigma(2000, high=False), model._truncated_sigma(2000, high=True)
+    low, high = model.draw_sigma(2000, high=False), model.draw_sigma(2000, high=True)
     assert bool((low < THRESHOLD).all()) and bool((high >= THRESHOLD).all())
     # EDM's ln sigma ~ N(-1.2, 1.2^2): P(sigma < 1) = Phi(1) = 0.841; the low side's median is at Phi^-1(0.42)
     assert float(low.log().median()) == pytest.approx(-1.2 + 1.2 * -0.2019, abs=0.08)
