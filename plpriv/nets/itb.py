@@ -17,7 +17,6 @@ layer always sees the whole batch (opacus per-sample gradients need the batch di
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -238,7 +237,8 @@ def install_itbs_diffusers(unet: nn.Module, rau_levels: Sequence[int] | None = N
     """The same for a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (Stable Diffusion; skips reach the up
     blocks positionally or as ``res_hidden_states_tuple=``):
     ITBs on every skip tensor handed to the up blocks of the chosen levels (0 = full resolution). Registered as
-    ``unet.itb``. Untested here (diffusers is not installed in plpriv's test environment)."""
+    ``unet.itb`` (a ``ModuleDict`` keyed by up-block index, 0 = deepest), identity at initialisation; examples are
+    selected by :func:`set_itb_mask` as for a SongUNet. Tested on tiny diffusers models (tests/nets/test_itb_diffusers.py)."""
     _check_kind(itb)
     config = getattr(unet, "config", None)
     if config is None or not hasattr(unet, "up_blocks"):

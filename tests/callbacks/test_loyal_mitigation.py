@@ -109,3 +109,42 @@ def test_clear_errors_before_training(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="has none of the denoisers"):
         TimestepSelectiveMitigation().setup(None, NoDenoiser(), "fit")  # type: ignore[arg-type]
+
+
+def test_routing_of_a_diffusers_unet_inside_a_users_denoiser() -> None:
+    """The callback finds a diffusers UNet2DModel inside a user's denoiser and routes its ITBs by sigma exactly."""
+    diffusers = pytest.importorskip("diffusers")
+
+    class Denoiser(torch.nn.Module):  # D(x, sigma): the UNet's timestep input is EDM's c_noise = ln(sigma) / 4
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                              layers_per_block=1, norm_num_groups=4,
+                                              down_block_types=("DownBlock2D", "DownBlock2D"),
+                                              up_block_types=("UpBlock2D", "UpBlock2D"))
+
+        def forward(self, x, sigma, class_labels=None):
+            sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(x.shape[0])
+            return self.unet(x, sigma.log() / 4).sample
+
+    class UserModule(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.denoiser = Denoiser()
+
+    torch.manual_seed(0)
+    module = UserModule()
+    plain = copy.deepcopy(module.denoiser)
+    TimestepSelectiveMitigation(sigma_threshold=1.0, rau_levels=[1]).setup(None, module, "fit")  # type: ignore[arg-type]
+    assert any(k.startswith("denoiser.unet.itb.") for k in module.state_dict())
+    x = torch.randn(4, 1, 8, 8)
+    sigma = torch.tensor([0.01, 0.999, 1.0, 20.0])
+    with torch.no_grad():
+        assert torch.equal(module.denoiser(x, sigma), plain(x, sigma))
+        for p in module.denoiser.unet.itb.parameters():
+            p.normal_()
+        out, ref = module.denoiser(x, sigma), plain(x, sigma)
+        below = sigma < 1.0
+        assert torch.equal(out[below], ref[below])
+        assert not torch.allclose(out[~below], ref[~below])
+        assert torch.equal(module.denoiser(x, 0.5), plain(x, 0.5))  # one sigma for the batch (a sampling step)
