@@ -1,11 +1,12 @@
-"""DPSGD's Lightning-side set-up: trainer checks that refuse what cannot be accounted exactly, and the wrapper that
-hands the fit loop a Poisson loader built from the user's loader, and the noise/sampling seed with its secret file."""
+"""DPSGD's Lightning-side set-up: trainer checks that refuse what cannot be accounted exactly, the choice of the
+private optimizer, the wrapper that hands the fit loop a Poisson loader built from the user's loader, and the
+noise/sampling seed with its secret file."""
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -13,6 +14,8 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelChec
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from opacus.optimizers import DPOptimizer
+from torch.optim import Optimizer
 
 from plpriv.callbacks._dp_training_step import MARK
 from plpriv.privacy.secret_file import read_secret, secret_path, write_secret
@@ -21,7 +24,16 @@ from plpriv.utils.seeding import fresh_seed
 if TYPE_CHECKING:
     from plpriv.callbacks.dp_sgd import DPSGD
 
-__all__ = ["budget_dir", "check_trainer", "checkpoint_dirs", "resolve_seed", "save_secret", "wrap_train_dataloader"]
+__all__ = [
+    "budget_dir",
+    "check_trainer",
+    "checkpoint_dirs",
+    "flat_train_loaders",
+    "private_optimizer",
+    "resolve_seed",
+    "save_secret",
+    "wrap_train_dataloader",
+]
 
 
 def check_trainer(dp: DPSGD, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -69,6 +81,37 @@ def check_trainer(dp: DPSGD, trainer: Trainer, pl_module: LightningModule) -> No
         )
     if manual and dp.grad_sample_mode == "ghost":
         raise ValueError("DPSGD(grad_sample_mode='ghost') needs automatic optimization.")
+
+
+def private_optimizer(optimizers: Sequence[Optimizer], index: int | None) -> int:
+    """Index of the private optimizer among ``configure_optimizers``' (``index``: the user's choice, or None)."""
+    if not optimizers:
+        raise ValueError("DPSGD found no optimizer: `configure_optimizers` must return one.")
+    if index is None:
+        if len(optimizers) > 1:
+            raise ValueError(
+                f"`configure_optimizers` returned {len(optimizers)} optimizers; name the one that sees private"
+                " data with DPSGD(private_optimizers=<index>) (e.g. a GAN's discriminator)."
+            )
+        index = 0
+    if index >= len(optimizers):
+        raise ValueError(
+            f"`private_optimizers={index}` but `configure_optimizers` returned {len(optimizers)} optimizer(s)."
+        )
+    if isinstance(optimizers[index], DPOptimizer):
+        raise ValueError("The private optimizer is already an opacus DPOptimizer: do not combine DPSGD with"
+                         " opacus' PrivacyEngine.")
+    return index
+
+
+def flat_train_loaders(trainer: Trainer) -> list[Any]:
+    """The fit loop's train loaders as a list (one loader, or a list / dict of them)."""
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, (list, tuple)):
+        return list(loaders)
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return [loaders]
 
 
 def wrap_train_dataloader(trainer: Trainer, make: Callable[[Any], Any]) -> Callable[[], None]:

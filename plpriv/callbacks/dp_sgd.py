@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,10 +62,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from plpriv.callbacks._dp_args import (
+    check_physical_batch_size,
+    check_secure_mode,
+    check_seed,
+    number,
+    private_optimizer_index,
+)
+from plpriv.callbacks._dp_budget import budget_end, noise_multiplier_for, stop_for_budget
+from plpriv.callbacks._dp_logging import dp_metrics, save_epsilon_plot, should_update_logs, summary
+from plpriv.callbacks._dp_records import PRIVACY_RECORD_KEY, check_same_mechanism, privacy_record, public_state
 from plpriv.callbacks._dp_setup import (
-    budget_dir,
     check_trainer,
     checkpoint_dirs,
+    flat_train_loaders,
+    private_optimizer,
     resolve_seed,
     save_secret,
     wrap_train_dataloader,
@@ -80,19 +90,6 @@ from plpriv.privacy.validation import check_loss_modules, fix_modules, private_r
 from plpriv.utils.seeding import derive_seed
 
 __all__ = ["DPSGD", "PRIVACY_RECORD_KEY"]
-
-PRIVACY_RECORD_KEY = "plpriv_privacy"  # top-level checkpoint key: what mechanism trained it, epsilon so far
-
-
-def _number(name: str, value: Any, *, allow_zero: bool = False, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"`{name}` must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
-    return float(value)
-
 
 class DPSGD(Callback):
     r"""Differentially private training (DP-SGD) of any LightningModule with opacus.
@@ -151,9 +148,9 @@ class DPSGD(Callback):
         memoize_accounting: bool = False,
     ) -> None:
         super().__init__()
-        self.max_grad_norm = _number("max_grad_norm", max_grad_norm)
-        self.noise_multiplier = _number("noise_multiplier", noise_multiplier, allow_zero=True, allow_none=True)
-        self.target_epsilon = _number("target_epsilon", target_epsilon, allow_none=True)
+        self.max_grad_norm = number("max_grad_norm", max_grad_norm)
+        self.noise_multiplier = number("noise_multiplier", noise_multiplier, allow_zero=True, allow_none=True)
+        self.target_epsilon = number("target_epsilon", target_epsilon, allow_none=True)
         if self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("DPSGD needs `noise_multiplier` or `target_epsilon` (to calibrate the noise), got neither.")
         if target_delta is not None and not (isinstance(target_delta, (int, float)) and 0.0 < target_delta < 1.0):
@@ -166,36 +163,11 @@ class DPSGD(Callback):
             rank_zero_warn("DPSGD(accountant='gdp') uses the CLT approximation, which can underestimate epsilon.")
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"`grad_sample_mode` must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}.")
-        if max_physical_batch_size is not None and (
-            isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
-            or max_physical_batch_size < 1
-        ):
-            raise ValueError(f"`max_physical_batch_size` must be a positive int or None, got {max_physical_batch_size!r}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"`seed` must be a non-negative int or None, got {seed!r}.")
-        if secure_mode and seed is not None:
-            raise ValueError("`seed` must be None with `secure_mode=True`: secure noise cannot be seeded.")
+        check_physical_batch_size(max_physical_batch_size)
+        check_seed(seed, secure_mode)
         if secure_mode:
-            try:
-                import torchcsprng  # noqa: F401
-            except ImportError as err:
-                raise ImportError(
-                    "DPSGD(secure_mode=True) needs the `torchcsprng` package for cryptographically secure noise and"
-                    " sampling (https://github.com/pytorch/csprng); install it or use secure_mode=False."
-                ) from err
-        if private_optimizers is not None:
-            indices = [private_optimizers] if isinstance(private_optimizers, int) else list(private_optimizers)
-            if not indices or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
-                raise ValueError(
-                    f"`private_optimizers` must be a non-negative int or a list of them, got {private_optimizers!r}."
-                )
-            if len(set(indices)) > 1:
-                raise ValueError(
-                    f"`private_optimizers={private_optimizers!r}` names {len(set(indices))} optimizers; DPSGD supports"
-                    " one private optimizer: several private optimizers see the same Poisson batch, a composition"
-                    " opacus' accountants do not model. Combine their parameters into one optimizer."
-                )
-            private_optimizers = indices[0]
+            check_secure_mode()
+        private_optimizers = private_optimizer_index(private_optimizers)
         self.target_delta = None if target_delta is None else float(target_delta)
         self.accountant = accountant
         self.fixed_sample_rate = None if sample_rate is None else float(sample_rate)
@@ -306,24 +278,7 @@ class DPSGD(Callback):
         if self._hooks is not None:  # re-entry: a previous fit that died before teardown
             self._hooks.cleanup()
         optimizers = trainer.strategy.optimizers
-        if not optimizers:
-            raise ValueError("DPSGD found no optimizer: `configure_optimizers` must return one.")
-        index = self.private_optimizers
-        if index is None:
-            if len(optimizers) > 1:
-                raise ValueError(
-                    f"`configure_optimizers` returned {len(optimizers)} optimizers; name the one that sees private"
-                    " data with DPSGD(private_optimizers=<index>) (e.g. a GAN's discriminator)."
-                )
-            index = 0
-        if index >= len(optimizers):
-            raise ValueError(
-                f"`private_optimizers={index}` but `configure_optimizers` returned {len(optimizers)} optimizer(s)."
-            )
-        if isinstance(optimizers[index], DPOptimizer):
-            raise ValueError("The private optimizer is already an opacus DPOptimizer: do not combine DPSGD with"
-                             " opacus' PrivacyEngine.")
-        self._private_index = index
+        index = self._private_index = private_optimizer(optimizers, self.private_optimizers)
         private = {id(p) for group in optimizers[index].param_groups for p in group["params"] if p.requires_grad}
         roots = private_roots(pl_module, private)
         validate_modules(roots)
@@ -343,7 +298,7 @@ class DPSGD(Callback):
                 self.secret_path = save_secret(trainer, checkpoint_dirs(self, trainer), self.run_id, self._seed)
         if self.poisson_sampling:
             loader = self._loader
-            if loader is None or not any(dl is loader for dl in self._flat_train_loaders(trainer)):
+            if loader is None or not any(dl is loader for dl in flat_train_loaders(trainer)):
                 raise RuntimeError(
                     "DPSGD's Poisson loader is not the train loader Lightning uses; was `train_dataloader` replaced?"
                 )
@@ -360,7 +315,7 @@ class DPSGD(Callback):
             rank_zero_warn(f"DPSGD: delta = {self.delta:.3g} >= 1/N = {1 / self.num_samples:.3g} allows leaking a"
                            " record.")
         self._planned = float(trainer.estimated_stepping_batches)
-        sigma = self._resolve_noise_multiplier(trainer)
+        sigma = noise_multiplier_for(self, trainer, self._planned)
         self.effective_noise_multiplier = sigma
         self._loaded = None
 
@@ -402,7 +357,7 @@ class DPSGD(Callback):
             self._batch_rate, self.num_samples = loader.sample_rate, len(loader.dataset)  # type: ignore[union-attr]
             self.expected_batch_size = float(loader.batch_size)  # type: ignore[union-attr]
         else:
-            loaders = self._flat_train_loaders(trainer)
+            loaders = flat_train_loaders(trainer)
             if len(loaders) != 1 or not isinstance(loaders[0], DataLoader) or loaders[0].batch_size is None:
                 raise ValueError("DPSGD needs exactly one train DataLoader with a `dataset` and a `batch_size`.")
             # fixed batches: each rank sees 1/world_size of the data; q per Lightning batch as opacus
@@ -416,44 +371,6 @@ class DPSGD(Callback):
     def _step_rate(self, trainer: Trainer) -> float:
         return min(1.0, self._batch_rate * trainer.accumulate_grad_batches)
 
-    @staticmethod
-    def _flat_train_loaders(trainer: Trainer) -> list[Any]:
-        loaders = trainer.train_dataloader
-        if isinstance(loaders, (list, tuple)):
-            return list(loaders)
-        if isinstance(loaders, dict):
-            return list(loaders.values())
-        return [loaders]
-
-    def _resolve_noise_multiplier(self, trainer: Trainer) -> float:
-        loaded = self.history[-1][0] if self.history else None
-        if self.noise_multiplier is not None:
-            return self.noise_multiplier
-        if loaded is not None:  # calibrated before: keep it, the budget was planned with it
-            return loaded
-        if not math.isfinite(self._planned):
-            raise ValueError(
-                "DPSGD cannot calibrate the noise from `target_epsilon` for an unbounded run: set Trainer(max_steps)"
-                " or Trainer(max_epochs), or give `noise_multiplier`."
-            )
-        sigma = 0.0
-        if trainer.is_global_zero:
-            try:
-                sigma = self.ledger.calibrate(self.target_epsilon, self.delta, self.sample_rate,  # type: ignore[arg-type]
-                                              int(self._planned))
-            except ValueError as err:
-                raise ValueError(
-                    f"DPSGD: no noise multiplier reaches epsilon={self.target_epsilon} at delta={self.delta:.3g} over"
-                    f" {int(self._planned)} steps at q={self.sample_rate:.4g} ({err}). Raise `target_epsilon`, train"
-                    " fewer steps or use a smaller batch_size."
-                ) from None
-        sigma = float(trainer.strategy.broadcast(sigma, src=0))
-        rank_zero_info(
-            f"DPSGD: calibrated noise_multiplier={sigma:.4f} for epsilon={self.target_epsilon} at delta="
-            f"{self.delta:.3g} over {int(self._planned)} steps (q={self.sample_rate:.4g}, {self.accountant})."
-        )
-        return sigma
-
     def _replan(self, trainer: Trainer, spent: str = "raise") -> None:
         """Steps left in the budget at the current (sigma, q), re-planned whenever the rate changes; with none left,
         ``spent="raise"`` refuses to train, ``"stop"`` stops before the next epoch (checkpoint + message)."""
@@ -462,36 +379,9 @@ class DPSGD(Callback):
         if self._plan == (sigma, rate):
             return
         self._plan, self._budget_steps = (sigma, rate), None
-        if self.target_epsilon is None or not self.stop_on_budget:
-            return
-        horizon = max(int(self._planned) - self.steps, 0) if math.isfinite(self._planned) else None
-        if horizon == 0:  # nothing left to train
-            return
-        extra = 0
-        if trainer.is_global_zero:
-            extra = self.ledger.steps_within_budget(self.target_epsilon, self.delta, sigma, rate,  # type: ignore[arg-type]
-                                                    horizon=horizon)
-        extra = int(trainer.strategy.broadcast(extra, src=0))
-        if extra <= 0 and not self.history:
-            raise ValueError(
-                f"DPSGD: not even one step at noise_multiplier={sigma:.4g}, q={rate:.4g} fits the budget"
-                f" epsilon={self.target_epsilon} (delta={self.delta:.3g}): raise `target_epsilon` or"
-                " `noise_multiplier`, or leave `noise_multiplier` unset to calibrate it."
-            )
-        if extra <= 0 and spent == "stop":
-            self._budget_steps = self.steps
-            self._stop_on_budget(trainer)
-            return
-        if extra <= 0:
-            raise RuntimeError(
-                f"DPSGD: the privacy budget epsilon={self.target_epsilon} (delta={self.delta:.3g}) is spent: after"
-                f" {self.steps} steps another step at noise_multiplier={sigma:.4g}, q={rate:.4g} would exceed it."
-                " Refusing to train further; raise `target_epsilon` knowingly or start a new run."
-            )
-        if horizon is None or extra < horizon:
-            self._budget_steps = self.steps + extra
-            rank_zero_info(f"DPSGD: the budget epsilon={self.target_epsilon} allows {extra} more steps at q={rate:.4g};"
-                           f" training will stop after step {self._budget_steps}.")
+        self._budget_steps = budget_end(self, trainer, sigma, rate, self._planned, spent)
+        if self._budget_steps == self.steps:  # spent="stop" and no step left
+            stop_for_budget(self, trainer)
 
     def _reseed_noise(self) -> None:
         """The noise of step t comes from a generator seeded by (secret seed, t): resume needs no generator state."""
@@ -543,18 +433,13 @@ class DPSGD(Callback):
         if self._budget_steps is not None and self.steps >= self._budget_steps and not trainer.should_stop:
             # all ranks count the same steps against the same broadcast budget; the reduction makes it explicit
             if trainer.strategy.reduce_boolean_decision(True, all=True):
-                self._stop_on_budget(trainer)
+                stop_for_budget(self, trainer)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Lightning hands step metrics to the loggers every `log_every_n_steps` steps and drops the others (no public
-        # API for the condition; without it: every step). Epsilon is precomputed in the ledger's thread.
-        connector = getattr(trainer, "_logger_connector", None)
-        if not getattr(connector, "should_update_logs", True):
+        if not should_update_logs(trainer):
             return
-        values = {"dp/delta": float(self.delta), "dp/noise_multiplier": float(self.effective_noise_multiplier),
-                  "dp/sample_rate": float(self.sample_rate)}  # type: ignore[arg-type]
-        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
-        if trainer.is_global_zero:  # the history is the same on every rank
+        pl_module.log_dict(dp_metrics(self), on_step=True, on_epoch=False, batch_size=1)
+        if trainer.is_global_zero:  # the history is the same on every rank; epsilon is precomputed by the ledger
             pl_module.log("dp/epsilon", self.get_epsilon(), on_step=True, on_epoch=False, batch_size=1,
                           rank_zero_only=True)
             self._last_log_steps = [*self._last_log_steps[-1:], self.steps]
@@ -562,32 +447,13 @@ class DPSGD(Callback):
             self.ledger.prefetch(gap or max(trainer.log_every_n_steps, 1), float(self.effective_noise_multiplier),
                                  float(self.sample_rate), float(self.delta), self._planned)  # type: ignore[arg-type]
 
-    def _stop_on_budget(self, trainer: Trainer) -> None:
-        trainer.should_stop = True
-        path = os.path.join(budget_dir(trainer), f"dp-budget-spent-step={self.steps}.ckpt")
-        trainer.save_checkpoint(path)
-        self.budget_checkpoint_path = path
-        rank_zero_warn(
-            f"DPSGD: stopping after step {self.steps}: epsilon={self.get_epsilon():.4f} (delta={self.delta:.3g}); the"
-            f" next step would exceed the budget epsilon={self.target_epsilon}. Checkpoint: {path}"
-        )
-
     # ------------------------------------------------------------------ end, teardown
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._dp_optimizer is None or not self.history:
             return
-        rank_zero_info(
-            f"DPSGD: {self.steps} steps, (epsilon, delta) = ({self.get_epsilon():.4f}, {self.delta:.3g}) by the"
-            f" {self.accountant} accountant (sigma={self.effective_noise_multiplier:.4g}, q={self.sample_rate:.4g},"
-            f" C={self.max_grad_norm:g})."
-        )
-        if self.plot and trainer.loggers:  # artefacts go to the log directory, or nowhere without one
-            from plpriv.utils.figures import save_and_log_figure
-
-            directory = trainer.log_dir  # a collective under DDP: every rank resolves it
-            if trainer.is_global_zero:
-                save_and_log_figure(trainer, self.ledger.figure(float(self.delta), self.target_epsilon),  # type: ignore[arg-type]
-                                    "dp_epsilon", directory=directory)
+        rank_zero_info(summary(self))
+        if self.plot:  # artefacts go to the log directory, or nowhere without a logger
+            save_epsilon_plot(self, trainer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -614,35 +480,11 @@ class DPSGD(Callback):
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """Public state only: no seed, no generator state, no sampled indices (see the module docstring)."""
-        return {
-            "accountant": self.ledger.state_dict(),
-            "noise_multiplier": self.effective_noise_multiplier,
-            "max_grad_norm": self.max_grad_norm,
-            "sample_rate": self.sample_rate,
-            "expected_batch_size": self.expected_batch_size,
-            "delta": self.delta,
-            "run_id": self.run_id,
-            "loader": self._loader.state_dict() if self._loader is not None else None,  # (epoch, batches consumed)
-        }
+        return public_state(self, self._loader)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        mechanism = state_dict["accountant"].get("mechanism", self.accountant)
-        history = state_dict["accountant"]["history"]
+        check_same_mechanism(self, state_dict)
         sigma = state_dict.get("noise_multiplier")
-        changes = []
-        if mechanism != self.accountant:
-            changes.append(f"accountant {mechanism!r} -> {self.accountant!r}")
-        if self.noise_multiplier is not None and history and sigma is not None and sigma != self.noise_multiplier:
-            changes.append(f"noise_multiplier {sigma} -> {self.noise_multiplier}")
-        clip = state_dict.get("max_grad_norm")
-        if clip is not None and clip != self.max_grad_norm:
-            changes.append(f"max_grad_norm {clip} -> {self.max_grad_norm}")
-        if changes and not self.allow_mechanism_change:
-            raise ValueError(
-                f"DPSGD: the checkpoint was trained with another mechanism ({'; '.join(changes)}). Resume with the"
-                " checkpoint's settings, or set DPSGD(allow_mechanism_change=True) to continue knowingly (the"
-                " accountant then composes both parts of the history)."
-            )
         self.ledger.load_state_dict(state_dict["accountant"])
         if sigma is not None:
             self.effective_noise_multiplier = sigma
@@ -657,17 +499,4 @@ class DPSGD(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self._dp_optimizer is None and not self.history:
             return
-        checkpoint[PRIVACY_RECORD_KEY] = {
-            "mechanism": "dp-sgd",
-            "trained_privately": True,
-            "accountant": self.accountant,
-            "epsilon": self.get_epsilon() if self.delta is not None else None,
-            "delta": self.delta,
-            "steps": self.steps,
-            "noise_multiplier": self.effective_noise_multiplier,
-            "max_grad_norm": self.max_grad_norm,
-            "sample_rate": self.sample_rate,
-            "expected_batch_size": self.expected_batch_size,
-            "poisson_sampling": self.poisson_sampling,
-            "target_epsilon": self.target_epsilon,
-        }
+        checkpoint[PRIVACY_RECORD_KEY] = privacy_record(self)

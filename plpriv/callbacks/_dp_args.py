@@ -1,0 +1,62 @@
+"""DPSGD's eager argument checks (Lightning's style: each message names the bad value and what to do)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["check_physical_batch_size", "check_secure_mode", "check_seed", "number", "private_optimizer_index"]
+
+
+def number(name: str, value: Any, *, allow_zero: bool = False, allow_none: bool = False) -> float | None:
+    """``value`` as a float, refused unless finite and > 0 (>= 0 with ``allow_zero``; ``None`` with ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"`{name}` must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
+    return float(value)
+
+
+def check_physical_batch_size(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"`max_physical_batch_size` must be a positive int or None, got {value!r}.")
+
+
+def check_seed(seed: Any, secure_mode: bool) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"`seed` must be a non-negative int or None, got {seed!r}.")
+    if secure_mode and seed is not None:
+        raise ValueError("`seed` must be None with `secure_mode=True`: secure noise cannot be seeded.")
+
+
+def check_secure_mode() -> None:
+    """``secure_mode=True`` needs ``torchcsprng``: refused at construction, not at the first step."""
+    try:
+        importlib.import_module("torchcsprng")
+    except ImportError as err:
+        raise ImportError(
+            "DPSGD(secure_mode=True) needs the `torchcsprng` package for cryptographically secure noise and"
+            " sampling (https://github.com/pytorch/csprng); install it or use secure_mode=False."
+        ) from err
+
+
+def private_optimizer_index(private_optimizers: int | Sequence[int] | None) -> int | None:
+    """The one private optimizer's index (``None``: the only optimizer); several distinct indices are refused."""
+    if private_optimizers is None:
+        return None
+    indices = [private_optimizers] if isinstance(private_optimizers, int) else list(private_optimizers)
+    if not indices or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
+        raise ValueError(
+            f"`private_optimizers` must be a non-negative int or a list of them, got {private_optimizers!r}."
+        )
+    if len(set(indices)) > 1:
+        raise ValueError(
+            f"`private_optimizers={private_optimizers!r}` names {len(set(indices))} optimizers; DPSGD supports"
+            " one private optimizer: several private optimizers see the same Poisson batch, a composition"
+            " opacus' accountants do not model. Combine their parameters into one optimizer."
+        )
+    return indices[0]

@@ -1,0 +1,47 @@
+"""DPSGD's reporting: when Lightning keeps step metrics, the ``dp/*`` values, the end-of-training line and the
+epsilon-vs-step figure."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lightning.pytorch import Trainer
+
+if TYPE_CHECKING:
+    from plpriv.callbacks.dp_sgd import DPSGD
+
+__all__ = ["dp_metrics", "save_epsilon_plot", "should_update_logs", "summary"]
+
+
+def should_update_logs(trainer: Trainer) -> bool:
+    """Whether Lightning hands this step's metrics to the loggers (every ``log_every_n_steps`` steps; it drops the
+    others). No public API for the condition; without it: every step."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
+def dp_metrics(dp: DPSGD) -> dict[str, float]:
+    """``dp/delta``, ``dp/noise_multiplier``, ``dp/sample_rate`` (the same on every rank; epsilon is logged apart)."""
+    return {"dp/delta": float(dp.delta), "dp/noise_multiplier": float(dp.effective_noise_multiplier),  # type: ignore[arg-type]
+            "dp/sample_rate": float(dp.sample_rate)}  # type: ignore[arg-type]
+
+
+def summary(dp: DPSGD) -> str:
+    """The end-of-training line: steps, (epsilon, delta) and the mechanism's constants."""
+    return (
+        f"DPSGD: {dp.steps} steps, (epsilon, delta) = ({dp.get_epsilon():.4f}, {dp.delta:.3g}) by the"
+        f" {dp.accountant} accountant (sigma={dp.effective_noise_multiplier:.4g}, q={dp.sample_rate:.4g},"
+        f" C={dp.max_grad_norm:g})."
+    )
+
+
+def save_epsilon_plot(dp: DPSGD, trainer: Trainer) -> None:
+    """``dp_epsilon.png`` in the log directory (and to the loggers); nothing without a logger."""
+    if not trainer.loggers:
+        return
+    from plpriv.utils.figures import save_and_log_figure
+
+    directory = trainer.log_dir  # a collective under DDP: every rank resolves it
+    if trainer.is_global_zero:
+        save_and_log_figure(trainer, dp.ledger.figure(float(dp.delta), dp.target_epsilon),  # type: ignore[arg-type]
+                            "dp_epsilon", directory=directory)
