@@ -25,7 +25,6 @@ diffusers' ``UNet2DModel`` (whose attention processors never see the time embedd
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -163,17 +162,20 @@ class ConditionalLoRA(nn.Module):
                 f"batch must match the input batch {x.shape[0]}"
             )
         w_rep = w.repeat_interleave(self.rank, dim=1)  # (B, r*m): basis i owns channels [i*r, (i+1)*r)
+        if self.scale != 1.0:  # s [up(h w) + Bias w] = up(h (s w)) + Bias (s w): scale the small (B, r*m) tensor
+            w_rep = w_rep * self.scale
+        # One full-size temporary: the fresh sum y + up(.) takes the bias term in place (never a module output).
         if self.is_conv:
-            delta = self.up(self.down(x) * w_rep[:, :, None, None])
+            out = y + self.up(self.down(x) * w_rep[:, :, None, None])
             if self.bias_matrix is not None:
-                delta = delta + self.bias_matrix(w_rep)[:, :, None, None]
+                out = out.add_(self.bias_matrix(w_rep)[:, :, None, None])
         else:
             view = (w_rep.shape[0],) + (1,) * (x.ndim - 2) + (w_rep.shape[1],)
-            delta = self.up(self.down(x) * w_rep.reshape(view))
+            out = y + self.up(self.down(x) * w_rep.reshape(view))
             if self.bias_matrix is not None:
                 b = self.bias_matrix(w_rep)
-                delta = delta + b.reshape((b.shape[0],) + (1,) * (x.ndim - 2) + (b.shape[1],))
-        return y + self.scale * delta
+                out = out.add_(b.reshape((b.shape[0],) + (1,) * (x.ndim - 2) + (b.shape[1],)))
+        return out
 
     def delta_weight(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample dense update ``(dW (B, C_out, C_in), db (B, C_out))`` = ``(s sum_i w_i B_i A_i, s w_rep @ Bias)``."""

@@ -332,12 +332,13 @@ def test_base_checkpoint_loads_into_lora_network() -> None:
 # --- DP-SGD: opacus per-sample gradients ---------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
-def test_opacus_per_sample_gradients_match_micro_batches() -> None:
-    from opacus import GradSampleModule
-
+def tiny_net_and_micro_batch_grads(scale: float = 1.0) -> tuple[SongUNet, tuple[torch.Tensor, ...], list[dict]]:
+    """A tiny LoRA SongUNet, a batch of 3 and its per-example gradients from 3 separate backward passes."""
     torch.manual_seed(0)
     net = SongUNet(**TINY, label_dim=3, use_lora=True, lora_mlp=[8])
+    for m in net.modules():
+        if isinstance(m, ConditionalLoRA):
+            m.scale = scale
     wake_up(net)
     perturb_lora(net, std=0.1)
     x, s, c = torch.randn(3, 2, 8, 8), torch.randn(3), torch.tensor([0, 1, 2])
@@ -346,7 +347,16 @@ def test_opacus_per_sample_gradients_match_micro_batches() -> None:
         net.zero_grad()
         net(x[i:i + 1], s[i:i + 1], c[i:i + 1]).square().sum().backward()
         reference.append({n: p.grad.clone() for n, p in net.named_parameters()})
-    gsm = GradSampleModule(copy.deepcopy(net), loss_reduction="sum")
+    return net, (x, s, c), reference
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_opacus_per_sample_gradients_match_micro_batches(mode: str) -> None:
+    from opacus import GradSampleModule
+
+    net, (x, s, c), reference = tiny_net_and_micro_batch_grads(scale=0.5 if mode == "functorch" else 1.0)
+    gsm = GradSampleModule(copy.deepcopy(net), loss_reduction="sum", force_functorch=mode == "functorch")
     gsm(x, s, c).square().sum().backward()
     checked = 0
     for name, p in gsm._module.named_parameters():
@@ -355,3 +365,30 @@ def test_opacus_per_sample_gradients_match_micro_batches() -> None:
             torch.testing.assert_close(p.grad_sample[i], ref, rtol=1e-3, atol=1e-5 * (1 + ref.abs().max().item()))
         checked += 1
     assert checked == len(reference[0])
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+def test_opacus_ghost_clipping_norms_match_micro_batches() -> None:
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    net, (x, s, c), reference = tiny_net_and_micro_batch_grads()
+    gsm = GradSampleModuleFastGradientClipping(copy.deepcopy(net), loss_reduction="sum", use_ghost_clipping=True)
+    gsm(x, s, c).square().sum().backward()
+    expected = torch.stack([torch.cat([g.flatten() for g in ref.values()]).norm() for ref in reference])
+    torch.testing.assert_close(gsm.get_norm_sample(), expected, rtol=1e-3, atol=0.0)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 3, 5), (2, 9, 6)])
+def test_scaled_update_matches_dense_per_sample_weights(shape: tuple[int, ...]) -> None:
+    # y = W x + b + s [sum_i w_i B_i A_i x + sum_i w_i Bias_i]: the dense reference with mixing weights s * w.
+    torch.manual_seed(2)
+    base = torch.nn.Conv2d(6, 10, 1) if len(shape) == 4 else torch.nn.Linear(6, 10)
+    layer = CompositionalLoRA(base, emb_dim=5, rank=2, num_bases=3, mlp=[8], scale=0.25)
+    perturb_lora(layer)
+    x, e = torch.randn(shape), torch.randn(shape[0], 5)
+    w_eff, b_eff = dense_reference(layer, 0.25 * layer.mixer(e))
+    if len(shape) == 4:
+        expected = torch.einsum("noi,nihw->nohw", w_eff, x) + b_eff[:, :, None, None]
+    else:
+        expected = torch.einsum("noi,nti->nto", w_eff, x) + b_eff[:, None, :]
+    torch.testing.assert_close(layer(x, e), expected, rtol=1e-4, atol=1e-5)
