@@ -5,23 +5,35 @@ One run measures, for the same network, batch and settings:
     step (sigma/noise draw, preconditioned loss, backward, nan_to_num, Adam, lr ramp, EMA); ratio should be <= 1.05;
   * the LoRA overhead: plain-loop step time with ``use_lora`` on vs off;
   * sampling throughput: images/s of EDM's Heun sampler at 35 NFE (18 steps), with and without LoRA.
+With ``--against-edm PATH`` (a checkout of github.com/NVlabs/edm, imported from PATH at run time, never copied) it
+instead measures the network alone: forward+backward of ``plpriv.nets.SongUNet`` against EDM's own ``SongUNet`` with
+the same config, weights (state dict copied) and batch, for the 64-channel CIFAR-10 config (batch 8) and the config of
+recipes/edm/digits_lora.yaml (read at run time, its batch size); then the LoRA overhead of the quickstart network
+(``use_lora`` on / off) with its inherent share (FLOPs counted by ``torch.utils.flop_counter``). Calls alternate in
+pairs (order swapped every pair) in one process, one thread by default; medians of the per-pair ratios.
 Both training paths read batches from the same in-memory DataLoader; rounds are interleaved and medians reported, to
 be robust on a shared machine. Not a test: run on demand.
 
   python benchmarks/edm_step.py                          # CPU: the digits quickstart network, batch 64
   python benchmarks/edm_step.py --preset cifar10 --precision bf16 --channels-last [--compile]   # one GPU
+  python benchmarks/edm_step.py --against-edm /tmp/nvlabs_edm --threads 1   # git clone github.com/NVlabs/edm there
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import statistics
+import sys
 import time
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -34,6 +46,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                     channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13, lora_rank=4,
                     lora_bases=18, lora_mlp=[128, 64]),
 }
+
+
+QUICKSTART_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "edm" / "digits_lora.yaml"
+# The 64-channel variant of EDM's class-conditional CIFAR-10 DDPM++ (EDM's own option --cbase=64), batch 8.
+CIFAR10_64 = dict(img_resolution=32, in_channels=3, out_channels=3, label_dim=10, augment_dim=9, model_channels=64,
+                  channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13)
+# SongUNet arguments that EDM's SongUNet has too (the rest, use_lora/lora_*/freeze_base, are plpriv's own).
+SHARED_ARGS = ("img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim", "model_channels",
+               "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions", "dropout", "label_dropout",
+               "channel_mult_noise", "resample_filter")
 
 
 def make_net(preset: str, use_lora: bool, seed: int = 0) -> torch.nn.Module:
@@ -183,6 +205,135 @@ def sampling_rate(args: argparse.Namespace, use_lora: bool) -> tuple[float, floa
     return statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --against-edm: the network alone, against NVlabs/edm's SongUNet.
+
+
+def import_edm_songunet(path: str) -> type[torch.nn.Module]:
+    """EDM's ``training.networks.SongUNet`` from a checkout at ``path`` (with its own ``torch_utils``/``dnnlib``)."""
+    root = Path(path).expanduser().resolve()
+    if not (root / "training" / "networks.py").is_file() or not (root / "torch_utils").is_dir():
+        raise SystemExit(f"--against-edm {path}: no training/networks.py and torch_utils/ there; pass a checkout of "
+                         f"github.com/NVlabs/edm (git clone https://github.com/NVlabs/edm {path})")
+    loaded = sys.modules.get("training")
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent.parent != root:
+        raise SystemExit(f"--against-edm {path}: another module named 'training' is already imported ({loaded})")
+    sys.path.insert(0, str(root))
+    try:
+        networks = importlib.import_module("training.networks")
+    except ImportError as err:
+        raise SystemExit(f"--against-edm {path}: importing EDM's training/networks.py failed: {err}. It needs numpy "
+                         f"and the checkout's own torch_utils/ and dnnlib/; install what is missing in this "
+                         f"environment (nothing of EDM is stubbed or vendored here)") from err
+    return networks.SongUNet
+
+
+def quickstart_net_args() -> tuple[dict[str, Any], int]:
+    """SongUNet init_args and batch size of recipes/edm/digits_lora.yaml, as the file says now."""
+    recipe = yaml.safe_load(QUICKSTART_RECIPE.read_text())
+    return dict(recipe["model"]["init_args"]["net"]["init_args"]), int(recipe["data"]["init_args"]["batch_size"])
+
+
+def net_inputs(cfg: dict[str, Any], batch: int) -> tuple[torch.Tensor, ...]:
+    """(x, noise labels ln(sigma)/4, one-hot class labels, augment labels) as EDMPrecond feeds them."""
+    g = torch.Generator().manual_seed(1)
+    res, label_dim, augment_dim = cfg["img_resolution"], cfg.get("label_dim", 0), cfg.get("augment_dim", 0)
+    x = torch.randn(batch, cfg["in_channels"], res, res, generator=g)
+    sigma = (torch.randn(batch, generator=g) * 1.2 - 1.2).exp()  # EDM's training distribution, ln sigma ~ N(-1.2, 1.2^2)
+    labels = torch.nn.functional.one_hot(torch.arange(batch) % max(label_dim, 1), max(label_dim, 1)).float()
+    augment = torch.zeros(batch, augment_dim) if augment_dim else None
+    return x, sigma.log() / 4, labels[:, :label_dim], augment
+
+
+def copy_into_edm(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Load plpriv's state dict into EDM's network (same names; EDM additionally holds resample_filter buffers)."""
+    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("resample_filter")]
+    if missing or unexpected:
+        raise SystemExit(f"state dicts do not map: missing in plpriv {missing[:5]}, unknown to EDM {unexpected[:5]}")
+
+
+def fwd_bwd(net: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], None]:
+    def step() -> None:
+        net.zero_grad(set_to_none=True)
+        net(*inputs).square().mean().backward()
+    return step
+
+
+def alternated_pairs(a: Callable[[], None], b: Callable[[], None], pairs: int, warmup: int) -> dict[str, list[float]]:
+    """Per-call (wall, CPU) seconds of ``a`` and ``b``, called in pairs whose order flips every pair."""
+    for _ in range(warmup):
+        a(), b()
+    out: dict[str, list[float]] = {"a_wall": [], "a_cpu": [], "b_wall": [], "b_cpu": []}
+    for i in range(pairs):
+        for name, fn in ((("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a))):
+            t = clock()
+            fn()
+            now = clock()
+            out[f"{name}_wall"].append(now[0] - t[0])
+            out[f"{name}_cpu"].append(now[1] - t[1])
+    return out
+
+
+def ratio_row(label: str, batch: int, t: dict[str, list[float]], *extra: str) -> str:
+    """Markdown row: median wall ms of a and b, median (range) of the per-pair ratio a/b in wall and CPU time."""
+    cells = [label, str(batch), f"{statistics.median(t['a_wall']) * 1e3:.1f}", f"{statistics.median(t['b_wall']) * 1e3:.1f}"]
+    for kind in ("wall", "cpu"):
+        r = [x / y for x, y in zip(t[f"a_{kind}"], t[f"b_{kind}"])]
+        cells.append(f"{statistics.median(r):.3f} ({min(r):.2f}-{max(r):.2f})")
+    return "| " + " | ".join([*cells, *extra]) + " |"
+
+
+def train_flops(net: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fwd_bwd(net, inputs)()
+    return counter.get_total_flops()
+
+
+def against_edm(args: argparse.Namespace) -> None:
+    from plpriv.nets import SongUNet
+
+    edm_songunet = import_edm_songunet(args.against_edm)
+    quick, quick_batch = quickstart_net_args()
+    configs = {"CIFAR-10 DDPM++ 64 ch": (CIFAR10_64, args.cifar_batch), "quickstart (digits_lora.yaml)": (quick, quick_batch)}
+    print(f"plpriv SongUNet vs NVlabs/edm SongUNet ({args.against_edm}), forward+backward of mean(out^2), train mode, "
+          f"CPU {torch.get_num_threads()} thread(s), {args.pairs} alternated pairs after {args.warmup} warm-up pairs\n")
+    header = ["| network | batch | plpriv ms | EDM ms | plpriv / EDM wall | plpriv / EDM CPU | max rel. diff of outputs (eval) |",
+              "|---|---|---|---|---|---|---|"]
+    print("\n".join(header), flush=True)
+    for name, (cfg, batch) in configs.items():
+        shared = {k: v for k, v in cfg.items() if k in SHARED_ARGS}
+        torch.manual_seed(0)
+        ours = SongUNet(**shared)
+        theirs = edm_songunet(**shared)
+        copy_into_edm(ours, theirs)
+        inputs = net_inputs(cfg, batch)
+        with torch.no_grad():
+            ours.eval(), theirs.eval()
+            reference = theirs(*inputs)
+            diff = ((ours(*inputs) - reference).abs().max() / reference.abs().max()).item()
+        ours.train(), theirs.train()
+        t = alternated_pairs(fwd_bwd(ours, inputs), fwd_bwd(theirs, inputs), args.pairs, args.warmup)
+        print(ratio_row(name, batch, t, f"{diff:.1e}"), flush=True)
+
+    # LoRA overhead on the quickstart network, with the recipe's own LoRA settings.
+    lora_args = {k: v for k, v in quick.items() if k.startswith("lora_") and k != "lora_only"}
+    torch.manual_seed(0)
+    with_lora = SongUNet(**{**quick, "use_lora": True, **lora_args})
+    torch.manual_seed(0)
+    without = SongUNet(**{**quick, "use_lora": False})
+    inputs = net_inputs(quick, quick_batch)
+    flops = train_flops(with_lora, inputs) / train_flops(without, inputs)
+    t = alternated_pairs(fwd_bwd(with_lora, inputs), fwd_bwd(without, inputs), args.pairs, args.warmup)
+    n_lora = sum(p.numel() for p in with_lora.parameters()) - sum(p.numel() for p in without.parameters())
+    print(f"\nLoRA overhead, quickstart network, batch {quick_batch} ({lora_args}; +{n_lora:,} parameters); "
+          f"inherent: fwd+bwd FLOPs with / without LoRA = {flops:.3f}\n")
+    print("| network | batch | LoRA ms | no LoRA ms | LoRA / no LoRA wall | LoRA / no LoRA CPU |\n|---|---|---|---|---|---|")
+    print(ratio_row("quickstart (digits_lora.yaml)", quick_batch, t), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="digits on CPU, cifar10 on GPU")
@@ -199,7 +350,16 @@ def main() -> None:
     parser.add_argument("--sample-rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--skip-train", action="store_true", help="only measure sampling")
+    parser.add_argument("--against-edm", metavar="PATH", default=None,
+                        help="a checkout of github.com/NVlabs/edm: time plpriv's SongUNet against EDM's (CPU)")
+    parser.add_argument("--pairs", type=int, default=10, help="--against-edm: timed alternated pairs per comparison")
+    parser.add_argument("--cifar-batch", type=int, default=8, help="--against-edm: batch of the CIFAR-10 config")
     args = parser.parse_args()
+    if args.against_edm:
+        torch.set_num_threads(args.threads or 1)
+        args.warmup = min(args.warmup, 2)
+        against_edm(args)
+        return
     args.preset = args.preset or ("cifar10" if args.device.startswith("cuda") else "digits")
     if args.threads:
         torch.set_num_threads(args.threads)
