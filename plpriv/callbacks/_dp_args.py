@@ -1,4 +1,5 @@
-"""DPSGD's eager argument checks (Lightning's style: each message names the bad value and what to do)."""
+"""DPSGD's eager argument checks (Lightning's style: each message names the bad value and what to do), and what
+two arguments imply at set-up: the warning for a fixed seed, the secure generator."""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_physical_batch_size", "check_secure_mode", "check_seed", "number", "private_optimizer_index"]
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+__all__ = [
+    "check_physical_batch_size",
+    "check_rates",
+    "check_secure_mode",
+    "check_seed",
+    "number",
+    "private_optimizer_index",
+    "secure_generator",
+    "warn_fixed_seed",
+]
 
 
 def number(name: str, value: Any, *, allow_zero: bool = False, allow_none: bool = False) -> float | None:
@@ -26,6 +39,13 @@ def check_physical_batch_size(value: Any) -> None:
         raise ValueError(f"`max_physical_batch_size` must be a positive int or None, got {value!r}.")
 
 
+def check_rates(target_delta: Any, sample_rate: Any) -> None:
+    if target_delta is not None and not (isinstance(target_delta, (int, float)) and 0.0 < target_delta < 1.0):
+        raise ValueError(f"`target_delta` must be in (0, 1), got {target_delta!r}.")
+    if sample_rate is not None and not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
+        raise ValueError(f"`sample_rate` must be in (0, 1] or None, got {sample_rate!r}.")
+
+
 def check_seed(seed: Any, secure_mode: bool) -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"`seed` must be a non-negative int or None, got {seed!r}.")
@@ -33,8 +53,10 @@ def check_seed(seed: Any, secure_mode: bool) -> None:
         raise ValueError("`seed` must be None with `secure_mode=True`: secure noise cannot be seeded.")
 
 
-def check_secure_mode() -> None:
+def check_secure_mode(secure_mode: bool) -> None:
     """``secure_mode=True`` needs ``torchcsprng``: refused at construction, not at the first step."""
+    if not secure_mode:
+        return
     try:
         importlib.import_module("torchcsprng")
     except ImportError as err:
@@ -42,6 +64,19 @@ def check_secure_mode() -> None:
             "DPSGD(secure_mode=True) needs the `torchcsprng` package for cryptographically secure noise and"
             " sampling (https://github.com/pytorch/csprng); install it or use secure_mode=False."
         ) from err
+
+
+def secure_generator() -> torch.Generator:
+    """``torchcsprng``'s generator over ``/dev/urandom`` (never reproducible, no state to store)."""
+    return importlib.import_module("torchcsprng").create_random_device_generator("/dev/urandom")
+
+
+def warn_fixed_seed(seed: int | None) -> None:
+    if seed is not None:
+        rank_zero_warn(
+            f"DPSGD(seed={seed}): noise and sampling are replayable by anyone who knows the seed (it is in"
+            " your config). Use seed=None for a run whose privacy you report."
+        )
 
 
 def private_optimizer_index(private_optimizers: int | Sequence[int] | None) -> int | None:

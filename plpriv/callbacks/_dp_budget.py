@@ -1,4 +1,4 @@
-"""DPSGD's budget: noise calibration from ``target_epsilon``, the steps the budget allows at the current (sigma, q),
+"""DPSGD's budget: the run's delta, noise calibration from ``target_epsilon``, the steps the budget allows at the current (sigma, q),
 and the stop (checkpoint + message) when it is spent. Accounting runs on rank zero; every rank gets its result."""
 
 from __future__ import annotations
@@ -11,11 +11,22 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from plpriv.callbacks._dp_setup import budget_dir
+from plpriv.privacy.accounting import default_delta
 
 if TYPE_CHECKING:
     from plpriv.callbacks.dp_sgd import DPSGD
 
-__all__ = ["budget_end", "noise_multiplier_for", "stop_for_budget"]
+__all__ = ["budget_end", "noise_multiplier_for", "run_delta", "stop_for_budget"]
+
+
+def run_delta(delta: float | None, num_samples: int) -> float:
+    """The run's delta: the user's, else 1/N^1.1 (said); a warning when it is >= 1/N."""
+    if delta is None:
+        delta = default_delta(num_samples)
+        rank_zero_info(f"DPSGD: `target_delta` not given; delta = 1/N^1.1 = {delta:.3g} for N = {num_samples}.")
+    if delta >= 1.0 / num_samples:
+        rank_zero_warn(f"DPSGD: delta = {delta:.3g} >= 1/N = {1 / num_samples:.3g} allows leaking a record.")
+    return delta
 
 
 def noise_multiplier_for(dp: DPSGD, trainer: Trainer, planned: float) -> float:

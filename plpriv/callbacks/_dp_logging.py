@@ -1,5 +1,5 @@
-"""DPSGD's reporting: when Lightning keeps step metrics, the ``dp/*`` values, the end-of-training line and the
-epsilon-vs-step figure."""
+"""DPSGD's reporting: when Lightning keeps step metrics, the ``dp/*`` values, the lines at the start and the end of
+training and the epsilon-vs-step figure."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from lightning.pytorch import Trainer
 if TYPE_CHECKING:
     from plpriv.callbacks.dp_sgd import DPSGD
 
-__all__ = ["dp_metrics", "save_epsilon_plot", "should_update_logs", "summary"]
+__all__ = ["dp_metrics", "save_epsilon_plot", "should_update_logs", "start_line", "summary"]
 
 
 def should_update_logs(trainer: Trainer) -> bool:
@@ -24,6 +24,15 @@ def dp_metrics(dp: DPSGD) -> dict[str, float]:
     """``dp/delta``, ``dp/noise_multiplier``, ``dp/sample_rate`` (the same on every rank; epsilon is logged apart)."""
     return {"dp/delta": float(dp.delta), "dp/noise_multiplier": float(dp.effective_noise_multiplier),  # type: ignore[arg-type]
             "dp/sample_rate": float(dp.sample_rate)}  # type: ignore[arg-type]
+
+
+def start_line(dp: DPSGD) -> str:
+    """The line at the start of training: the mechanism's constants."""
+    return (
+        f"DPSGD: sigma={dp.effective_noise_multiplier:.4g}, C={dp.max_grad_norm:g}, q={dp.sample_rate:.4g}, divisor B="
+        f"{dp.expected_batch_size:g}, delta={dp.delta:.3g}, accountant={dp.accountant},"
+        f" {'Poisson' if dp.poisson_sampling else 'fixed-size'} batches, grad_sample_mode={dp.grad_sample_mode}."
+    )
 
 
 def summary(dp: DPSGD) -> str:

@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
     from plpriv.callbacks.dp_sgd import DPSGD
     from plpriv.privacy.poisson import PoissonDataLoader
 
-__all__ = ["PRIVACY_RECORD_KEY", "check_same_mechanism", "privacy_record", "public_state"]
+__all__ = ["PRIVACY_RECORD_KEY", "check_resumed_privately", "check_same_mechanism", "privacy_record", "public_state"]
 
 PRIVACY_RECORD_KEY = "plpriv_privacy"  # top-level checkpoint key: what mechanism trained it, epsilon so far
 
@@ -26,6 +28,17 @@ def public_state(dp: DPSGD, loader: PoissonDataLoader | None) -> dict[str, Any]:
         "run_id": dp.run_id,
         "loader": loader.state_dict() if loader is not None else None,  # (epoch, batches consumed)
     }
+
+
+def check_resumed_privately(dp: DPSGD, trainer: Trainer, has_state: bool) -> None:
+    """Refuse to resume a checkpoint of steps taken without DPSGD (no DPSGD state in it): epsilon would not cover
+    them; unless ``allow_mechanism_change``."""
+    if trainer.ckpt_path and not has_state and trainer.global_step > 0 and not dp.allow_mechanism_change:
+        raise ValueError(
+            f"DPSGD: {trainer.ckpt_path} was trained for {trainer.global_step} steps without DPSGD; epsilon would"
+            " not cover them. Start from its weights as a new run (no --ckpt_path; e.g. a public pretrained"
+            " model), or set DPSGD(allow_mechanism_change=True) to continue knowingly."
+        )
 
 
 def check_same_mechanism(dp: DPSGD, state_dict: dict[str, Any]) -> None:

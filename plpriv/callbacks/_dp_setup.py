@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from opacus.optimizers import DPOptimizer
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 
 from plpriv.callbacks._dp_training_step import MARK
 from plpriv.privacy.secret_file import read_secret, secret_path, write_secret
@@ -23,13 +24,17 @@ from plpriv.utils.seeding import fresh_seed
 
 if TYPE_CHECKING:
     from plpriv.callbacks.dp_sgd import DPSGD
+    from plpriv.privacy.poisson import PoissonDataLoader
 
 __all__ = [
     "budget_dir",
+    "check_poisson_source",
     "check_trainer",
     "checkpoint_dirs",
     "flat_train_loaders",
+    "loader_constants",
     "private_optimizer",
+    "replace_optimizer",
     "resolve_seed",
     "save_secret",
     "wrap_train_dataloader",
@@ -83,6 +88,15 @@ def check_trainer(dp: DPSGD, trainer: Trainer, pl_module: LightningModule) -> No
         raise ValueError("DPSGD(grad_sample_mode='ghost') needs automatic optimization.")
 
 
+def check_poisson_source(loader: Any) -> None:
+    """The user's train loader must be one torch DataLoader (Poisson sampling rebuilds it over its dataset)."""
+    if not isinstance(loader, DataLoader):
+        raise ValueError(
+            f"DPSGD(poisson_sampling=True) needs `train_dataloader` to return one torch DataLoader over a map-style"
+            f" dataset, got {type(loader).__name__}. Return a single DataLoader or set poisson_sampling=False."
+        )
+
+
 def private_optimizer(optimizers: Sequence[Optimizer], index: int | None) -> int:
     """Index of the private optimizer among ``configure_optimizers``' (``index``: the user's choice, or None)."""
     if not optimizers:
@@ -104,6 +118,14 @@ def private_optimizer(optimizers: Sequence[Optimizer], index: int | None) -> int
     return index
 
 
+def replace_optimizer(trainer: Trainer, index: int, optimizer: Optimizer) -> Optimizer:
+    """Put ``optimizer`` in place of the strategy's optimizer ``index``; returns it."""
+    optimizers = list(trainer.strategy.optimizers)
+    optimizers[index] = optimizer
+    trainer.strategy.optimizers = optimizers
+    return optimizer
+
+
 def flat_train_loaders(trainer: Trainer) -> list[Any]:
     """The fit loop's train loaders as a list (one loader, or a list / dict of them)."""
     loaders = trainer.train_dataloader
@@ -112,6 +134,19 @@ def flat_train_loaders(trainer: Trainer) -> list[Any]:
     if isinstance(loaders, dict):
         return list(loaders.values())
     return [loaders]
+
+
+def loader_constants(trainer: Trainer, poisson: PoissonDataLoader | None, fixed_sample_rate: float | None
+                     ) -> tuple[float, int, float]:
+    """(q per Lightning batch, N, the public global divisor B) of the Poisson loader, else of the fixed-size train
+    loader (each rank sees 1/world_size of the data; q as opacus: 1 / batches, unless fixed)."""
+    if poisson is not None:
+        return poisson.sample_rate, len(poisson.dataset), float(poisson.batch_size)  # type: ignore[arg-type]
+    loaders = flat_train_loaders(trainer)
+    if len(loaders) != 1 or not isinstance(loaders[0], DataLoader) or loaders[0].batch_size is None:
+        raise ValueError("DPSGD needs exactly one train DataLoader with a `dataset` and a `batch_size`.")
+    rate = fixed_sample_rate or 1.0 / len(loaders[0])
+    return rate, len(loaders[0].dataset), float(loaders[0].batch_size * trainer.world_size)  # type: ignore[arg-type]
 
 
 def wrap_train_dataloader(trainer: Trainer, make: Callable[[Any], Any]) -> Callable[[], None]:

@@ -18,7 +18,7 @@ from plpriv.privacy.poisson import split_batch
 if TYPE_CHECKING:
     from plpriv.callbacks.dp_sgd import DPSGD
 
-__all__ = ["MARK", "batch_size_of", "wrap_training_step"]
+__all__ = ["MARK", "batch_size_of", "clear_per_sample_state", "wrap_training_step"]
 
 MARK = "_plpriv_dpsgd_wrapper"
 
@@ -31,6 +31,14 @@ def batch_size_of(batch: Any) -> int:
             return int(extract_batch_size(batch))
     except Exception:
         return -1
+
+
+def clear_per_sample_state(params: list[torch.Tensor]) -> None:
+    """Remove what opacus left on the parameters (summed / per-sample gradients, ghost norms) when the fit ends."""
+    for p in params:
+        for attr in ("summed_grad", "grad_sample", "_norm_sample"):
+            if hasattr(p, attr):
+                delattr(p, attr)
 
 
 def _loss_of(output: Any) -> torch.Tensor:
@@ -49,7 +57,7 @@ def wrap_training_step(dp: DPSGD, trainer: Trainer, pl_module: LightningModule) 
     original = pl_module.training_step
     if getattr(original, MARK, False):
         return lambda: None
-    optimizer, hooks = dp._dp_optimizer, dp._hooks
+    optimizer, hooks = dp.dp_optimizer, dp._hooks
     max_physical, ghost, clip = dp.max_physical_batch_size, dp.grad_sample_mode == "ghost", dp.max_grad_norm
 
     def run(batch: Any, n: int, args: tuple, kwargs: dict) -> tuple[Any, torch.Tensor, torch.Tensor]:

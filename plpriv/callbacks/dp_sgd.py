@@ -60,34 +60,45 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
 
 from plpriv.callbacks._dp_args import (
     check_physical_batch_size,
+    check_rates,
     check_secure_mode,
     check_seed,
     number,
     private_optimizer_index,
+    secure_generator,
+    warn_fixed_seed,
 )
-from plpriv.callbacks._dp_budget import budget_end, noise_multiplier_for, stop_for_budget
-from plpriv.callbacks._dp_logging import dp_metrics, save_epsilon_plot, should_update_logs, summary
-from plpriv.callbacks._dp_records import PRIVACY_RECORD_KEY, check_same_mechanism, privacy_record, public_state
+from plpriv.callbacks._dp_budget import budget_end, noise_multiplier_for, run_delta, stop_for_budget
+from plpriv.callbacks._dp_logging import dp_metrics, save_epsilon_plot, should_update_logs, start_line, summary
+from plpriv.callbacks._dp_records import (
+    PRIVACY_RECORD_KEY,
+    check_resumed_privately,
+    check_same_mechanism,
+    privacy_record,
+    public_state,
+)
 from plpriv.callbacks._dp_setup import (
+    check_poisson_source,
     check_trainer,
     checkpoint_dirs,
     flat_train_loaders,
+    loader_constants,
     private_optimizer,
+    replace_optimizer,
     resolve_seed,
     save_secret,
     wrap_train_dataloader,
 )
-from plpriv.callbacks._dp_training_step import batch_size_of, wrap_training_step
-from plpriv.privacy.accounting import ACCOUNTANTS, default_delta
+from plpriv.callbacks._dp_training_step import batch_size_of, clear_per_sample_state, wrap_training_step
+from plpriv.privacy.accounting import ACCOUNTANTS
 from plpriv.privacy.ledger import EpsilonLedger
 from plpriv.privacy.per_sample import GRAD_SAMPLE_MODES, PerSampleHooks
 from plpriv.privacy.poisson import PoissonDataLoader
 from plpriv.privacy.validation import check_loss_modules, fix_modules, private_roots, validate_modules
-from plpriv.utils.seeding import derive_seed
+from plpriv.utils import seeding
 
 __all__ = ["DPSGD", "PRIVACY_RECORD_KEY"]
 
@@ -122,7 +133,9 @@ class DPSGD(Callback):
             short runs, e.g. an audit).
 
     Logged every ``log_every_n_steps``: ``dp/epsilon``, ``dp/delta``, ``dp/noise_multiplier``, ``dp/sample_rate``.
-    One DPSGD instance per run: its history is the run's.
+    One DPSGD instance per run: its history is the run's. Subclasses extend :meth:`dp_optimizer_class`,
+    :meth:`on_dp_step` and :meth:`log_step`, and use :attr:`train_loader`, :attr:`dp_optimizer`, :meth:`add_teardown`
+    and :meth:`derive_seed` (seeds derived from the secret one, which is never exposed).
     """
 
     state_key_name = "DPSGD"
@@ -153,10 +166,7 @@ class DPSGD(Callback):
         self.target_epsilon = number("target_epsilon", target_epsilon, allow_none=True)
         if self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("DPSGD needs `noise_multiplier` or `target_epsilon` (to calibrate the noise), got neither.")
-        if target_delta is not None and not (isinstance(target_delta, (int, float)) and 0.0 < target_delta < 1.0):
-            raise ValueError(f"`target_delta` must be in (0, 1), got {target_delta!r}.")
-        if sample_rate is not None and not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
-            raise ValueError(f"`sample_rate` must be in (0, 1] or None, got {sample_rate!r}.")
+        check_rates(target_delta, sample_rate)
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"`accountant` must be one of {ACCOUNTANTS}, got {accountant!r}.")
         if accountant == "gdp":
@@ -165,8 +175,7 @@ class DPSGD(Callback):
             raise ValueError(f"`grad_sample_mode` must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}.")
         check_physical_batch_size(max_physical_batch_size)
         check_seed(seed, secure_mode)
-        if secure_mode:
-            check_secure_mode()
+        check_secure_mode(secure_mode)
         private_optimizers = private_optimizer_index(private_optimizers)
         self.target_delta = None if target_delta is None else float(target_delta)
         self.accountant = accountant
@@ -230,20 +239,39 @@ class DPSGD(Callback):
             raise ValueError("No delta known yet: pass `delta` or set `target_delta`.")
         return self.ledger.epsilon(float(delta), curve=delta == self.delta)
 
+    # ------------------------------------------------------------------ for subclasses (fit-time objects)
+    @property
+    def train_loader(self) -> PoissonDataLoader | None:
+        """The Poisson loader built from the user's train loader (``None`` before ``setup`` or without Poisson
+        sampling). Read-only: the loader's sampler holds secret state; use its ``dataset``, not its batches."""
+        return self._loader
+
+    @property
+    def dp_optimizer(self) -> DPOptimizer | None:
+        """The opacus optimizer in place of the private optimizer, from ``on_train_start`` until the fit ends."""
+        return self._dp_optimizer
+
+    def add_teardown(self, undo: Callable[[], None]) -> None:
+        """Call ``undo`` when the fit ends (``teardown`` or an exception), the last added first: e.g. to remove a
+        wrapper a subclass installed on the module for this fit."""
+        self._restore.append(undo)
+
+    def derive_seed(self, *parts: int | str) -> int:
+        """A seed derived from the run's secret seed and public ``parts`` (e.g. a tag, the step and a participant),
+        known from ``on_train_start`` on: every rank and a resumed run derive the same one. It is as secret as the
+        noise: never log or store it. The secret seed itself is not exposed."""
+        if self._seed is None:
+            raise RuntimeError("DPSGD.derive_seed: no secret seed (before on_train_start, or secure_mode=True).")
+        return seeding.derive_seed(self._seed, *parts)
+
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         check_trainer(self, trainer, pl_module)
-        if self.seed is not None:
-            rank_zero_warn(
-                f"DPSGD(seed={self.seed}): noise and sampling are replayable by anyone who knows the seed (it is in"
-                " your config). Use seed=None for a run whose privacy you report."
-            )
+        warn_fixed_seed(self.seed)
         if self.secure_mode and self._secure_rng is None:
-            import torchcsprng
-
-            self._secure_rng = torchcsprng.create_random_device_generator("/dev/urandom")
+            self._secure_rng = secure_generator()
         if self.fix_modules:
             fix_modules(pl_module, log=rank_zero_info)
         if self.grad_sample_mode != "ghost":
@@ -259,13 +287,9 @@ class DPSGD(Callback):
     def _make_poisson_loader(self, trainer: Trainer, loader: Any) -> PoissonDataLoader:
         if isinstance(loader, PoissonDataLoader):
             return loader
-        if not isinstance(loader, DataLoader):
-            raise ValueError(
-                f"DPSGD(poisson_sampling=True) needs `train_dataloader` to return one torch DataLoader over a map-style"
-                f" dataset, got {type(loader).__name__}. Return a single DataLoader or set poisson_sampling=False."
-            )
+        check_poisson_source(loader)
         self._loader = PoissonDataLoader.from_data_loader(
-            loader, seed=derive_seed(self._seed or 0, "sample"), rank=trainer.global_rank,
+            loader, seed=seeding.derive_seed(self._seed or 0, "sample"), rank=trainer.global_rank,
             world_size=trainer.world_size, generator=self._secure_rng, sample_rate=self.fixed_sample_rate,
         )
         if self._dp_optimizer is not None:  # reloaded during training (reload_dataloaders_every_n_epochs)
@@ -286,12 +310,7 @@ class DPSGD(Callback):
                                      forbid_accumulation=self.poisson_sampling)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.ckpt_path and self._loaded is None and trainer.global_step > 0 and not self.allow_mechanism_change:
-            raise ValueError(
-                f"DPSGD: {trainer.ckpt_path} was trained for {trainer.global_step} steps without DPSGD; epsilon would"
-                " not cover them. Start from its weights as a new run (no --ckpt_path; e.g. a public pretrained"
-                " model), or set DPSGD(allow_mechanism_change=True) to continue knowingly."
-            )
+        check_resumed_privately(self, trainer, self._loaded is not None)
         if not self.secure_mode:
             self._seed, self.run_id = resolve_seed(trainer, self.seed, self.run_id)
             if self.seed is None:
@@ -303,17 +322,11 @@ class DPSGD(Callback):
                     "DPSGD's Poisson loader is not the train loader Lightning uses; was `train_dataloader` replaced?"
                 )
             if not self.secure_mode:  # the seed is known only now (secret file next to the restored checkpoint)
-                loader.sampler.seed = derive_seed(self._seed, "sample")
+                loader.sampler.seed = seeding.derive_seed(self._seed, "sample")
             if self._loaded and self._loaded.get("loader") is not None:
                 loader.load_state_dict(self._loaded["loader"])
         self._set_rate(trainer)
-        if self.delta is None:
-            self.delta = default_delta(self.num_samples)  # type: ignore[arg-type]
-            rank_zero_info(f"DPSGD: `target_delta` not given; delta = 1/N^1.1 = {self.delta:.3g} for N ="
-                           f" {self.num_samples}.")
-        if self.delta >= 1.0 / self.num_samples:  # type: ignore[operator]
-            rank_zero_warn(f"DPSGD: delta = {self.delta:.3g} >= 1/N = {1 / self.num_samples:.3g} allows leaking a"
-                           " record.")
+        self.delta = run_delta(self.delta, self.num_samples)  # type: ignore[arg-type]
         self._planned = float(trainer.estimated_stepping_batches)
         sigma = noise_multiplier_for(self, trainer, self._planned)
         self.effective_noise_multiplier = sigma
@@ -328,22 +341,15 @@ class DPSGD(Callback):
             expected_batch_size=self.expected_batch_size / trainer.world_size,  # type: ignore[operator]
             loss_reduction="mean", generator=self._generator, secure_mode=self.secure_mode,
         )
-        dp_optimizer.attach_step_hook(self._on_dp_step)
-        optimizers = list(trainer.strategy.optimizers)
-        optimizers[self._private_index] = dp_optimizer
-        trainer.strategy.optimizers = optimizers
-        self._dp_optimizer = dp_optimizer
+        dp_optimizer.attach_step_hook(self.on_dp_step)
+        self._dp_optimizer = replace_optimizer(trainer, self._private_index, dp_optimizer)
         self._replan(trainer)
         if isinstance(trainer.strategy.model, DistributedDataParallel):
             # opacus' DistributedDPOptimizer all-reduces the noised gradient; DDP's own all-reduce would be wasted
             self._sync_off.enter_context(trainer.strategy.model.no_sync())
         if pl_module.automatic_optimization:
             self._restore.append(wrap_training_step(self, trainer, pl_module))
-        rank_zero_info(
-            f"DPSGD: sigma={sigma:.4g}, C={self.max_grad_norm:g}, q={self.sample_rate:.4g}, divisor B="
-            f"{self.expected_batch_size:g}, delta={self.delta:.3g}, accountant={self.accountant},"
-            f" {'Poisson' if self.poisson_sampling else 'fixed-size'} batches, grad_sample_mode={self.grad_sample_mode}."
-        )
+        rank_zero_info(start_line(self))
 
     def dp_optimizer_class(self, trainer: Trainer) -> type[DPOptimizer]:
         """Extension point: the opacus optimizer class (flat clipping); subclasses may return a subclass of it."""
@@ -352,18 +358,11 @@ class DPSGD(Callback):
 
     def _set_rate(self, trainer: Trainer) -> None:
         """q, N and the public divisor B of the loader in use (per Lightning batch)."""
-        if self.poisson_sampling:
-            loader = self._loader
-            self._batch_rate, self.num_samples = loader.sample_rate, len(loader.dataset)  # type: ignore[union-attr]
-            self.expected_batch_size = float(loader.batch_size)  # type: ignore[union-attr]
-        else:
-            loaders = flat_train_loaders(trainer)
-            if len(loaders) != 1 or not isinstance(loaders[0], DataLoader) or loaders[0].batch_size is None:
-                raise ValueError("DPSGD needs exactly one train DataLoader with a `dataset` and a `batch_size`.")
-            # fixed batches: each rank sees 1/world_size of the data; q per Lightning batch as opacus
-            self.num_samples = len(loaders[0].dataset)  # type: ignore[arg-type]
-            self._batch_rate = self.fixed_sample_rate or 1.0 / len(loaders[0])
-            self.expected_batch_size = float(loaders[0].batch_size * trainer.world_size)
+        poisson = self._loader if self.poisson_sampling else None
+        if self.poisson_sampling and poisson is None:
+            raise RuntimeError("DPSGD: no Poisson loader yet (`setup` did not wrap `train_dataloader`).")
+        self._batch_rate, self.num_samples, self.expected_batch_size = loader_constants(
+            trainer, poisson, self.fixed_sample_rate)
         if self._dp_optimizer is not None:
             self._dp_optimizer.expected_batch_size = self.expected_batch_size / trainer.world_size
         self.sample_rate = self._step_rate(trainer)
@@ -386,10 +385,12 @@ class DPSGD(Callback):
     def _reseed_noise(self) -> None:
         """The noise of step t comes from a generator seeded by (secret seed, t): resume needs no generator state."""
         if not self.secure_mode and self._generator is not None:
-            self._generator.manual_seed(derive_seed(self._seed, "noise", self.steps))
+            self._generator.manual_seed(seeding.derive_seed(self._seed, "noise", self.steps))
 
-    def _on_dp_step(self, optimizer: DPOptimizer) -> None:
-        """opacus step hook: after clipping and noise, before the inner step (as opacus' accountant hook)."""
+    def on_dp_step(self, optimizer: DPOptimizer) -> None:
+        """Extension point, opacus' step hook: runs after clipping and noise, before the inner optimizer step (as
+        opacus' accountant hook), once per private step. Records the step in the ledger and reseeds the next step's
+        noise; an override must call ``super().on_dp_step(optimizer)`` first."""
         self.ledger.record(optimizer.noise_multiplier, min(1.0, self._batch_rate * optimizer.accumulated_iterations))
         self._reseed_noise()
 
@@ -403,9 +404,8 @@ class DPSGD(Callback):
                              " batches per step: use DPSGD(max_physical_batch_size=...) instead.")
         self._replan(trainer)  # no-op unless the rate changed (accumulation scheduler)
         if self._hooks is not None:
-            self._hooks.batch_size = batch_size_of(batch)
-            if self._hooks.batch_size < 0:
-                self._hooks.batch_size = None
+            n = batch_size_of(batch)
+            self._hooks.batch_size = n if n >= 0 else None
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         if optimizer is not self._dp_optimizer:
@@ -429,15 +429,16 @@ class DPSGD(Callback):
         if self._dp_optimizer is None:
             return
         self._hooks.check_no_stale_activations()  # type: ignore[union-attr]
-        self._log(trainer, pl_module)
+        if should_update_logs(trainer):
+            self.log_step(trainer, pl_module)
         if self._budget_steps is not None and self.steps >= self._budget_steps and not trainer.should_stop:
             # all ranks count the same steps against the same broadcast budget; the reduction makes it explicit
             if trainer.strategy.reduce_boolean_decision(True, all=True):
                 stop_for_budget(self, trainer)
 
-    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not should_update_logs(trainer):
-            return
+    def log_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Extension point: logs ``dp/*`` after a private step, at the steps Lightning keeps (``log_every_n_steps``).
+        An override may log more with ``pl_module.log`` (call ``super().log_step(trainer, pl_module)``)."""
         pl_module.log_dict(dp_metrics(self), on_step=True, on_epoch=False, batch_size=1)
         if trainer.is_global_zero:  # the history is the same on every rank; epsilon is precomputed by the ledger
             pl_module.log("dp/epsilon", self.get_epsilon(), on_step=True, on_epoch=False, batch_size=1,
@@ -470,10 +471,7 @@ class DPSGD(Callback):
         while self._restore:
             self._restore.pop()()
         if self._dp_optimizer is not None:
-            for p in self._dp_optimizer.params:
-                for attr in ("summed_grad", "grad_sample", "_norm_sample"):
-                    if hasattr(p, attr):
-                        delattr(p, attr)
+            clear_per_sample_state(self._dp_optimizer.params)
         self._dp_optimizer, self._plan = None, None
         self.ledger.close()
 

@@ -59,7 +59,6 @@ from plpriv.privacy.sparsified_gaussian import (
     draw_masks,
     effective_keep_fraction,
     epsilon_lower_bound,
-    mask_seed,
     pack,
     unpack,
 )
@@ -67,6 +66,7 @@ from plpriv.privacy.sparsified_gaussian import (
 __all__ = ["PARTICIPANTS", "SparsifiedGaussian"]
 
 PARTICIPANTS = ("examples", "clients")
+MASK_SEED_TAG = "sparsified-mask"  # DPSGD.derive_seed(tag, step, key) is plpriv.privacy.sparsified_gaussian.mask_seed
 
 
 def _cat(batches: Sequence[Any]) -> Any:
@@ -118,7 +118,7 @@ class _Sparsifier:
     def masks(self, keys: Sequence[int], dim: int) -> torch.Tensor | None:
         if self.dp.keep_fraction >= 1.0:
             return None
-        seeds = [mask_seed(self.dp._seed, self.dp.steps, k) for k in keys]  # type: ignore[arg-type]
+        seeds = [self.dp.derive_seed(MASK_SEED_TAG, self.dp.steps, k) for k in keys]  # = mask_seed(secret, t, k)
         return draw_masks(dim, self.dp.keep_fraction, seeds, self.dp.mask)
 
     def aggregate(self, updates: torch.Tensor, keys: list[int]) -> torch.Tensor:
@@ -313,8 +313,8 @@ class SparsifiedGaussian(DPSGD):
     def dp_optimizer_class(self, trainer: Trainer) -> type[DPOptimizer]:
         return _sparsifying_class(super().dp_optimizer_class(trainer))
 
-    def _on_dp_step(self, optimizer: DPOptimizer) -> None:
-        super()._on_dp_step(optimizer)
+    def on_dp_step(self, optimizer: DPOptimizer) -> None:
+        super().on_dp_step(optimizer)
         if self._sparsifier is not None:
             self._sparsifier.consumed, self._sparsifier.keys, self._sparsifier.groups = 0, None, None
 
@@ -331,9 +331,9 @@ class SparsifiedGaussian(DPSGD):
         super().on_train_start(trainer, pl_module)
         sparse = self.participants == "clients" and trainer.world_size > 1
         self._sparsifier = _Sparsifier(self, trainer.global_rank, trainer.world_size, sparse)
-        self._dp_optimizer.sparsifier = self._sparsifier  # type: ignore[union-attr]
+        self.dp_optimizer.sparsifier = self._sparsifier  # type: ignore[union-attr]
         if self.participants == "clients":
-            self._restore.append(self._wrap_client_step(pl_module))
+            self.add_teardown(self._wrap_client_step(pl_module))
         rank_zero_info(f"SparsifiedGaussian: keep_fraction={self.keep_fraction:g} ({self.mask} masks),"
                        f" participants={self.participants}{', kept values exchanged by all_gather' if sparse else ''}.")
 
@@ -344,7 +344,7 @@ class SparsifiedGaussian(DPSGD):
             raise ValueError("SparsifiedGaussian(participants='clients') needs a datamodule (or module) with"
                              " `client_batch(client_id)` returning that client's data, and a train loader of client"
                              " ids (e.g. plpriv.data.FederatedDigits).")
-        loader = self._loader
+        loader = self.train_loader
         ids = [int(loader.dataset[i]) for i in range(len(loader.dataset))]  # type: ignore[union-attr]
         known = set(int(i) for i in source.client_ids()) if callable(getattr(source, "client_ids", None)) else None
         missing = [i for i in ids if (known is not None and i not in known)]
@@ -382,10 +382,9 @@ class SparsifiedGaussian(DPSGD):
         return lambda: setattr(pl_module, "training_step", dp_step)
 
     # ------------------------------------------------------------------ logging, records, state
-    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super()._log(trainer, pl_module)
-        connector = getattr(trainer, "_logger_connector", None)
-        if not getattr(connector, "should_update_logs", True) or self._sparsifier is None:
+    def log_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().log_step(trainer, pl_module)
+        if self._sparsifier is None:
             return
         stats = {k: v for k, v in self._sparsifier.stats.items() if k.startswith("comm/")}
         if stats:
@@ -403,7 +402,7 @@ class SparsifiedGaussian(DPSGD):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self._dp_optimizer is not None and self.history and self._sparsifier is not None:
+        if self.dp_optimizer is not None and self.history and self._sparsifier is not None:
             stats = self._sparsifier.stats
             rank_zero_info(f"SparsifiedGaussian: keep_fraction={self.keep_fraction:g}: last step sent"
                            f" {stats.get('comm/bytes_per_step', 0):.0f} bytes instead of"

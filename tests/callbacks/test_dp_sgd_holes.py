@@ -18,6 +18,7 @@ from _dp_toy import ToyClassifier, ToyData, ZeroGradModel, toy_tensors
 from dp_accounting import pld
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
@@ -285,6 +286,28 @@ def test_budget_stop_checkpoint_holds_no_seed(tmp_path: Path) -> None:
     assert seed is not None
     data = ckpt.read_bytes()
     assert str(seed).encode() not in data and seed.to_bytes(16, "little") not in data
+
+
+def test_subclass_accessors_derive_seeds_but_never_expose_the_secret(tmp_path: Path) -> None:
+    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, accountant="rdp")
+    with pytest.raises(RuntimeError, match="no secret seed"):
+        dp.derive_seed("mask", 0)
+    seen: dict[str, Any] = {}
+
+    class Subclass(Callback):  # what a subclass does in on_train_start
+        def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            seen.update(optimizer=dp.dp_optimizer, n=len(dp.train_loader.dataset), derived=dp.derive_seed("mask", 3, 7))
+            dp.add_teardown(lambda: seen.update(undone=dp.dp_optimizer is not None))
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1)
+    _trainer(tmp_path, [dp, Subclass(), saver], max_steps=2, enable_checkpointing=True).fit(
+        ToyClassifier(), ToyData(n=48, batch_size=8))
+    seed = read_secret(tmp_path / "ckpt", dp.run_id)  # the secret, from the owner-only file
+    assert seed is not None and seen["derived"] == derive_seed(seed, "mask", 3, 7)
+    assert isinstance(seen["optimizer"], DPOptimizer) and seen["n"] == 48
+    assert seen["undone"] and dp.dp_optimizer is None  # called at teardown, before the optimizer is dropped
+    public = {k: v for k, v in vars(dp).items() if not k.startswith("_")}
+    assert str(seed) not in repr(public) and str(seed) not in repr(dp.state_dict())
 
 
 def test_resuming_a_non_private_checkpoint_under_dpsgd_is_refused(tmp_path: Path) -> None:
