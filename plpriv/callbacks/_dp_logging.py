@@ -36,11 +36,13 @@ def start_line(dp: DPSGD) -> str:
 
 
 def summary(dp: DPSGD) -> str:
-    """The end-of-training line: steps, (epsilon, delta) and the mechanism's constants."""
+    """The end-of-training line: (epsilon, delta) named by the ledger that computed it (its title and class: DP-SGD's
+    or a subclass's mechanism) and its accountant, then the mechanism's constants."""
+    ledger = dp.ledger
     return (
-        f"DPSGD: {dp.steps} steps, (epsilon, delta) = ({dp.get_epsilon():.4f}, {dp.delta:.3g}) by the"
-        f" {dp.accountant} accountant (sigma={dp.effective_noise_multiplier:.4g}, q={dp.sample_rate:.4g},"
-        f" C={dp.max_grad_norm:g})."
+        f"DPSGD: {dp.steps} steps, (epsilon, delta) = ({dp.get_epsilon():.4f}, {dp.delta:.3g}): {ledger.title} by"
+        f" {type(ledger).__name__} (accountant={ledger.accountant}; sigma={dp.effective_noise_multiplier:.4g},"
+        f" q={dp.sample_rate:.4g}, C={dp.max_grad_norm:g})."
     )
 
 

@@ -12,6 +12,7 @@ Facts used:
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from _dp_toy import ToyClassifier, ToyData, toy_tensors
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -224,6 +226,24 @@ def test_comm_and_dp_metrics_are_logged(tmp_path: Path) -> None:
     for key in ("dp/epsilon", "comm/keep_fraction", "comm/bytes_per_step", "comm/dense_bytes_per_step",
                 "comm/compression"):
         assert key in header
+
+
+def test_end_of_training_line_names_the_sparsified_accountant(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                              ) -> None:
+    sg = SparsifiedGaussian(0.1, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, target_delta=1e-5,
+                            accountant="rdp", plot=False)
+    lightning_logger = logging.getLogger("lightning.pytorch")  # does not propagate to caplog's root handler
+    lightning_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+            make_trainer(tmp_path, [sg], max_steps=3).fit(ToyClassifier(), ToyData(n=48, batch_size=8))
+    finally:
+        lightning_logger.removeHandler(caplog.handler)
+    line = next(r.getMessage() for r in caplog.records if "steps, (epsilon, delta)" in r.getMessage())
+    dpsgd = RDPAccountant()
+    dpsgd.history = list(sg.history)
+    assert sg.get_epsilon() < dpsgd.get_epsilon(1e-5)  # not DP-SGD's rdp epsilon: the masks amplify
+    assert f"{sg.get_epsilon():.4f}" in line and "sparsified Gaussian" in line and "SparsifiedGaussianLedger" in line
 
 
 # --------------------------------------------------------------------------- refusals
