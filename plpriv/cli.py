@@ -237,6 +237,10 @@ class PlprivCLI(LightningCLI):
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``plpriv`` console script."""
+    # Lightning <= 2.6 builds torch's deprecated LeafSpec on every run (torch >= 2.10 warns from Lightning's own
+    # code): nothing a user can act on, so exactly that message from exactly that module is silenced.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
         _print_top_level_help()

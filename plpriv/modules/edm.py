@@ -49,6 +49,20 @@ def network_weights(path: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"`init_checkpoint` {path!r} holds an empty state dict")
 
 
+def _eval_during_forward(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook: remember every submodule's mode, then run the forward in eval mode."""
+    module.modes_before_forward = [m.training for m in module.modules()]
+    module.eval()
+
+
+def _restore_modes_after_forward(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    """Forward hook (also on error): give every submodule back the mode it had before the forward."""
+    modes = module.__dict__.pop("modes_before_forward", None)
+    if modes is not None:
+        for m, mode in zip(module.modules(), modes):
+            m.training = mode
+
+
 class NonLeakingAugment(nn.Module):
     """Geometric augmentation whose parameters are handed to the network (EDM Appendix B.1, "non-leaking").
 
@@ -212,7 +226,11 @@ class EDM(LightningModule):
         self.net = EDMPrecond(net, sigma_data=sigma_data)
         if init_checkpoint is not None:
             self._load_init_weights(init_checkpoint)
-        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        # The EMA copy always *runs* in eval mode (no dropout) while its mode flags follow this module's, so
+        # Lightning sees one train-mode tree at fit start and restores modes consistently around validation.
+        self.ema.register_forward_pre_hook(_eval_during_forward)
+        self.ema.register_forward_hook(_restore_modes_after_forward, always_call=True)
         self.loss_fn = EDMLoss(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
         self.num_classes = self.net.label_dim
         self.sigma_data = float(sigma_data)
@@ -291,7 +309,7 @@ class EDM(LightningModule):
 
     @property
     def ema_denoiser(self) -> EDMPrecond:
-        """The EMA denoiser ``D(x, sigma, class_labels)`` (frozen, eval mode)."""
+        """The EMA denoiser ``D(x, sigma, class_labels)`` (frozen; every forward runs in eval mode)."""
         return self.ema
 
     @contextmanager
@@ -440,11 +458,6 @@ class EDM(LightningModule):
             b_ema.copy_(b_net)
         self.images_seen += self._global_batch
         return beta
-
-    def train(self, mode: bool = True) -> EDM:
-        super().train(mode)
-        self.ema.eval()  # the EMA copy never runs dropout
-        return self
 
     # -------------------------------------------------------------------------------------------- validation ---
     def validation_step(self, batch: Any, batch_idx: int) -> None:

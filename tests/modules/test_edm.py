@@ -121,6 +121,25 @@ def test_denoiser_protocol_and_sampling(tmp_path) -> None:
     assert model.num_classes == 10 and model.image_shape == (1, 8, 8)
 
 
+def test_ema_runs_in_eval_mode_but_lightning_sees_no_eval_modules(tmp_path) -> None:
+    import warnings
+
+    model = EDM(tiny_net(dropout=0.5), num_val_samples=0, lr_rampup_img=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=1).fit(model, digits())
+    assert not [w for w in caught if "eval mode" in str(w.message)]
+    model.train()
+    assert model.ema.training  # flags follow the LightningModule
+    reference = copy.deepcopy(model.ema).eval()  # a copy put in eval mode explicitly: dropout off
+    x, labels = torch.randn(6, 1, 8, 8), torch.arange(6)
+    with torch.no_grad():
+        out = model.ema_denoiser(x, 0.7, labels)  # with dropout 0.5 any train-mode forward would differ
+        torch.testing.assert_close(out, reference(x, 0.7, labels), atol=0, rtol=0)
+        torch.testing.assert_close(model.ema_denoiser(x, 0.7, labels), out, atol=0, rtol=0)
+    assert all(m.training for m in model.ema.modules())  # modes given back
+
+
 def test_predict_writes_npz_and_is_batch_invariant(tmp_path) -> None:
     arrays = []
     for bs in (4, 3):
