@@ -1,5 +1,6 @@
-"""DPSGD's budget: the run's delta, noise calibration from ``target_epsilon``, the steps the budget allows at the current (sigma, q),
-and the stop (checkpoint + message) when it is spent. Accounting runs on rank zero; every rank gets its result."""
+"""DPSGD's budget: the run's delta, noise calibration from ``target_epsilon``, the steps the budget allows at the
+current (sigma, q), and the stop (checkpoint + message) when it is spent. Accounting runs on rank zero; every rank
+gets its result."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def noise_multiplier_for(dp: DPSGD, trainer: Trainer, planned: float) -> float:
     sigma = 0.0
     if trainer.is_global_zero:
         try:
-            sigma = dp.ledger.calibrate(dp.target_epsilon, dp.delta, dp.sample_rate, int(planned))  # type: ignore[arg-type]
+            sigma = dp.ledger.calibrate(dp.target_epsilon, dp.delta, dp.sample_rate,  # type: ignore[arg-type]
+                                        int(planned))
         except ValueError as err:
             raise ValueError(
                 f"DPSGD: no noise multiplier reaches epsilon={dp.target_epsilon} at delta={dp.delta:.3g} over"

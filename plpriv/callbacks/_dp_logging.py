@@ -22,7 +22,8 @@ def should_update_logs(trainer: Trainer) -> bool:
 
 def dp_metrics(dp: DPSGD) -> dict[str, float]:
     """``dp/delta``, ``dp/noise_multiplier``, ``dp/sample_rate`` (the same on every rank; epsilon is logged apart)."""
-    return {"dp/delta": float(dp.delta), "dp/noise_multiplier": float(dp.effective_noise_multiplier),  # type: ignore[arg-type]
+    return {"dp/delta": float(dp.delta),  # type: ignore[arg-type]
+            "dp/noise_multiplier": float(dp.effective_noise_multiplier),  # type: ignore[arg-type]
             "dp/sample_rate": float(dp.sample_rate)}  # type: ignore[arg-type]
 
 

@@ -231,8 +231,7 @@ class DPSGD(Callback):
         return self.ledger.steps
 
     def get_epsilon(self, delta: float | None = None) -> float:
-        """Epsilon spent so far at ``delta`` (default: the run's delta), by :attr:`ledger` (DP-SGD's opacus accountant,
-        or a subclass's mechanism's)."""
+        """Epsilon spent so far at ``delta`` (default: the run's delta), by :attr:`ledger` (its mechanism)."""
         delta = self.delta if delta is None else delta
         if delta is None:
             if not self.history:
