@@ -231,7 +231,11 @@ class PlprivCLI(LightningCLI):
 
     def before_fit(self) -> None:
         ensure_resume_checkpoint(self.trainer)  # first: `--ckpt_path last` also looks in its directory
-        check_private_resume(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        check_private_resume(self.trainer, ckpt_path)
+        if ckpt_path is not None and _resolve_ckpt_path(self.trainer, ckpt_path) is not None:
+            # resuming: the run's own checkpoint directory holds its checkpoints, as it should
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.")
         self.trainer.callbacks.insert(0, _PrivateCheckpointGuard())
 
 
