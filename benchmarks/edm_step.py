@@ -297,13 +297,15 @@ def against_edm(args: argparse.Namespace) -> None:
 
     edm_songunet = import_edm_songunet(args.against_edm)
     quick, quick_batch = quickstart_net_args()
-    configs = {"CIFAR-10 DDPM++ 64 ch": (CIFAR10_64, args.cifar_batch), "quickstart (digits_lora.yaml)": (quick, quick_batch)}
+    configs = {"CIFAR-10 DDPM++ 64 ch": (CIFAR10_64, args.cifar_batch, args.pairs),
+               "quickstart (digits_lora.yaml)": (quick, quick_batch, args.quick_pairs)}
     print(f"plpriv SongUNet vs NVlabs/edm SongUNet ({args.against_edm}), forward+backward of mean(out^2), train mode, "
-          f"CPU {torch.get_num_threads()} thread(s), {args.pairs} alternated pairs after {args.warmup} warm-up pairs\n")
+          f"CPU {torch.get_num_threads()} thread(s), {args.pairs} (quickstart: {args.quick_pairs}) alternated pairs after "
+          f"{args.warmup} warm-up pairs; ms: medians, ratios: median (range) of the per-pair ratios\n")
     header = ["| network | batch | plpriv ms | EDM ms | plpriv / EDM wall | plpriv / EDM CPU | max rel. diff of outputs (eval) |",
               "|---|---|---|---|---|---|---|"]
     print("\n".join(header), flush=True)
-    for name, (cfg, batch) in configs.items():
+    for name, (cfg, batch, pairs) in configs.items():
         shared = {k: v for k, v in cfg.items() if k in SHARED_ARGS}
         torch.manual_seed(0)
         ours = SongUNet(**shared)
@@ -315,7 +317,7 @@ def against_edm(args: argparse.Namespace) -> None:
             reference = theirs(*inputs)
             diff = ((ours(*inputs) - reference).abs().max() / reference.abs().max()).item()
         ours.train(), theirs.train()
-        t = alternated_pairs(fwd_bwd(ours, inputs), fwd_bwd(theirs, inputs), args.pairs, args.warmup)
+        t = alternated_pairs(fwd_bwd(ours, inputs), fwd_bwd(theirs, inputs), pairs, args.warmup)
         print(ratio_row(name, batch, t, f"{diff:.1e}"), flush=True)
 
     # LoRA overhead on the quickstart network, with the recipe's own LoRA settings.
@@ -326,7 +328,7 @@ def against_edm(args: argparse.Namespace) -> None:
     without = SongUNet(**{**quick, "use_lora": False})
     inputs = net_inputs(quick, quick_batch)
     flops = train_flops(with_lora, inputs) / train_flops(without, inputs)
-    t = alternated_pairs(fwd_bwd(with_lora, inputs), fwd_bwd(without, inputs), args.pairs, args.warmup)
+    t = alternated_pairs(fwd_bwd(with_lora, inputs), fwd_bwd(without, inputs), args.quick_pairs, args.warmup)
     n_lora = sum(p.numel() for p in with_lora.parameters()) - sum(p.numel() for p in without.parameters())
     print(f"\nLoRA overhead, quickstart network, batch {quick_batch} ({lora_args}; +{n_lora:,} parameters); "
           f"inherent: fwd+bwd FLOPs with / without LoRA = {flops:.3f}\n")
@@ -352,7 +354,8 @@ def main() -> None:
     parser.add_argument("--skip-train", action="store_true", help="only measure sampling")
     parser.add_argument("--against-edm", metavar="PATH", default=None,
                         help="a checkout of github.com/NVlabs/edm: time plpriv's SongUNet against EDM's (CPU)")
-    parser.add_argument("--pairs", type=int, default=10, help="--against-edm: timed alternated pairs per comparison")
+    parser.add_argument("--pairs", type=int, default=10, help="--against-edm: timed alternated pairs, CIFAR-10 config")
+    parser.add_argument("--quick-pairs", type=int, default=40, help="--against-edm: timed pairs, quickstart network")
     parser.add_argument("--cifar-batch", type=int, default=8, help="--against-edm: batch of the CIFAR-10 config")
     args = parser.parse_args()
     if args.against_edm:
