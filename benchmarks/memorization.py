@@ -56,7 +56,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def duplicated_images(dup_classes: list[int], seed: int) -> tuple[DigitsDataModule, list[int]]:
-    dm = DigitsDataModule(image_size=16, channels=1, val_fraction=0.1, test_fraction=0.1, seed=seed)  # the recipe's
+    dm = DigitsDataModule(image_size=8, channels=1, val_fraction=0.1, test_fraction=0.1, seed=seed)  # the recipe's split
     dm.setup()
     labels = dm.train_base.tensors[1]  # type: ignore[union-attr]
     return dm, [int((labels == c).nonzero()[0]) for c in dup_classes]

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
@@ -126,3 +127,17 @@ def test_sbatch_command_line_parses(capsys):
     config = _print_config(args[1:], capsys)
     assert config["trainer"]["num_nodes"] == 2 and str(config["trainer"]["devices"]) == "4"
     assert config["trainer"]["strategy"] == "ddp"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_torch_threads_sets_intra_op_threads_before_the_run(tmp_path, threads):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        PlprivCLI(args=["-c", str(BASE), "--torch_threads", str(threads), "--trainer.logger", "false",
+                        "--trainer.default_root_dir", str(tmp_path)], run=False)
+        assert torch.get_num_threads() == threads
+        with pytest.raises(ValueError, match="torch_threads"):
+            PlprivCLI(args=["-c", str(BASE), "--torch_threads", "0", "--trainer.logger", "false"], run=False)
+    finally:
+        torch.set_num_threads(before)

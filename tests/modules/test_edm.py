@@ -243,7 +243,7 @@ def test_ddp_smoke_fit(tmp_path) -> None:
     assert ckpt["global_step"] == 2
     # The CLI stores the network config in the hyperparameters: the checkpoint alone rebuilds the model.
     restored = EDM.load_from_checkpoint(path, map_location="cpu")
-    assert restored.net.model.lora_type == "compositional" and restored.image_shape == (1, 16, 16)
+    assert restored.net.model.lora_type == "compositional" and restored.image_shape == (1, 8, 8)
     for key, value in ckpt["state_dict"].items():
         assert torch.equal(restored.state_dict()[key], value), key
     assert int(ckpt["state_dict"]["images_seen"]) == 2 * 2 * 64  # two ranks of batch 64 per step
