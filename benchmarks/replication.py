@@ -14,7 +14,14 @@ FID in that classifier's penultimate features ("classifier-FID") against the tra
 seconds of fit. ``--sweep SIGMA ...`` runs :meth:`plpriv.modules.LoyalDiffusion.sweep_thresholds` instead (one
 LoyalDiffusion per threshold, the best trade-off by :func:`plpriv.modules.loyal.select_best_threshold`).
 
-    python benchmarks/replication.py --seeds 0 1            # table in <out>/results.md, JSON, sample grid PNGs
+Measured (2-core CPU, 1 thread; defaults: 200 images + 5 x 19 extra copies, 600 steps of batch 64, sigma threshold
+3.44, conv3x3 ITBs on the 4x4 skips; mean ± std of seeds 0 and 1): fraction of generations above 0.95 similarity
+(background 0.040) plain 0.271 ± 0.004, LoyalDiffusion 0.283 ± 0.016, class accuracy 0.972 / 0.971; seed 0 only:
+RAU-Net everywhere 0.266, EDM + callback 0.278. ``--itb none --sweep 1 3.44``: 0.288 / 0.272. No reduction here; the
+zero-residual ITB starts as, and stays close to, the identity.
+
+    python benchmarks/replication.py --seeds 0                               # table in <out>/results.md, JSON, PNGs
+    python benchmarks/replication.py --seeds 1 --rows plain loyal --append   # another seed into the same table
     python benchmarks/replication.py --sweep 0.5 1 3.44     # threshold sweep: <out>/sweep.md
 """
 
@@ -51,12 +58,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--image-size", type=int, default=8)
     p.add_argument("--model-channels", type=int, default=16)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--train-per-class", type=int, default=0, help="training images per class (0: all, ~144)")
+    p.add_argument("--train-per-class", type=int, default=20, help="training images per class (0: all, ~144)")
     p.add_argument("--dup-classes", type=int, nargs="+", default=[0, 2, 4, 6, 8])
-    p.add_argument("--dup-factor", type=int, default=100, help="copies of each duplicated image (1: no duplicates)")
+    p.add_argument("--dup-factor", type=int, default=20, help="copies of each duplicated image (1: no duplicates)")
     p.add_argument("--timestep-threshold", type=float, default=0.5, help="DDPM t/T (linear schedule) -> sigma")
     p.add_argument("--sigma-threshold", type=float, default=None, help="overrides --timestep-threshold")
     p.add_argument("--itb", default="conv3x3")
@@ -67,6 +74,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep", type=float, nargs="+", default=None, metavar="SIGMA",
                    help="instead of the four rows: LoyalDiffusion.sweep_thresholds over these sigma thresholds")
     p.add_argument("--accuracy-tolerance", type=float, default=0.02, help="sweep: the 'comparable quality' margin")
+    p.add_argument("--best-by", default="frac_above", choices=["sim_p95", "frac_above", "frac_dup_replicas"],
+                   help="sweep: the replication measure minimised (sim_p95 saturates once >5%% are replicas)")
     p.add_argument("--append", action="store_true",
                    help="add this run's rows to <out>/results.json (another seed of the same settings)")
     p.add_argument("--threads", type=int, default=1)
@@ -162,7 +171,7 @@ def sweep(args: argparse.Namespace, train: TensorDataset, dup: list[int], clf: S
         res = LoyalDiffusion.sweep_thresholds(
             lambda: SongUNet(**net_config(args)), args.sweep, train_loader(train, dup, args, seed), rep, clf,
             max_steps=args.steps, num_samples=args.num_samples, fid_reference=train.tensors[0], duplicated=dup,
-            accuracy_tolerance=args.accuracy_tolerance, seed=seed, trainer_kwargs=TRAINER,
+            accuracy_tolerance=args.accuracy_tolerance, replication_key=args.best_by, seed=seed, trainer_kwargs=TRAINER,
             rau_levels=args.rau_levels, itb=args.itb,
             **{k: v for k, v in module_kwargs(args, seed).items() if k != "seed"})
         for row in res["rows"]:
@@ -171,10 +180,11 @@ def sweep(args: argparse.Namespace, train: TensorDataset, dup: list[int], clf: S
         print(f"seed {seed}: best sigma_threshold {res['best']['sigma_threshold']:g} ({res['rule']})", flush=True)
     (out / "sweep.json").write_text(json.dumps({"args": vars(args), "rows": results}, indent=2))
     means = [{"sigma_threshold": t, **{c: sum(r[c] for r in results if r["sigma_threshold"] == t) / len(args.seeds)
-                                       for c in ("sim_p95", "frac_above", "class_acc")}} for t in args.sweep]
-    best = select_best_threshold(means, args.accuracy_tolerance)
+                                       for c in ("sim_p95", "frac_above", "frac_dup_replicas", "class_acc")}}
+             for t in args.sweep]
+    best = select_best_threshold(means, args.accuracy_tolerance, args.best_by)
     lines = [header, "", *table(results, "sigma_threshold", list(args.sweep)), "",
-             f"best (seed means; lowest sim_p95 with class_acc >= best - {args.accuracy_tolerance:g}): "
+             f"best (seed means; lowest {args.best_by} with class_acc >= best - {args.accuracy_tolerance:g}): "
              f"sigma_threshold {best['sigma_threshold']:g}"]
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -217,7 +227,7 @@ def main() -> None:
                                                           "classifier_test_acc": clf_acc, "rows": results}, indent=2))
     seeds = sorted({r["seed"] for r in results})
     lines = [f"sigma_threshold {sigma_threshold:.3g}; " + header.replace(f"seeds {args.seeds}", f"seeds {seeds}"), "",
-             *table(results, "row", list(args.rows))]
+             *table(results, "row", [r for r in ROWS if any(x["row"] == r for x in results)])]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

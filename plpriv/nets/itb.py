@@ -238,7 +238,7 @@ def install_itbs_diffusers(unet: nn.Module, rau_levels: Sequence[int] | None = N
     blocks positionally or as ``res_hidden_states_tuple=``):
     ITBs on every skip tensor handed to the up blocks of the chosen levels (0 = full resolution). Registered as
     ``unet.itb`` (a ``ModuleDict`` keyed by up-block index, 0 = deepest), identity at initialisation; examples are
-    selected by :func:`set_itb_mask` as for a SongUNet. Tested on tiny diffusers models (tests/nets/test_itb_diffusers.py)."""
+    selected by :func:`set_itb_mask` as for a SongUNet (tested on tiny diffusers models)."""
     _check_kind(itb)
     config = getattr(unet, "config", None)
     if config is None or not hasattr(unet, "up_blocks"):

@@ -135,7 +135,8 @@ def test_routing_of_a_diffusers_unet_inside_a_users_denoiser() -> None:
     torch.manual_seed(0)
     module = UserModule()
     plain = copy.deepcopy(module.denoiser)
-    TimestepSelectiveMitigation(sigma_threshold=1.0, rau_levels=[1]).setup(None, module, "fit")  # type: ignore[arg-type]
+    callback = TimestepSelectiveMitigation(sigma_threshold=1.0, rau_levels=[1])
+    callback.setup(None, module, "fit")  # type: ignore[arg-type]
     assert any(k.startswith("denoiser.unet.itb.") for k in module.state_dict())
     x = torch.randn(4, 1, 8, 8)
     sigma = torch.tensor([0.01, 0.999, 1.0, 20.0])

@@ -50,11 +50,16 @@ def test_sweep_trains_one_model_per_threshold_and_scores_its_samples() -> None:
 def test_best_is_the_lowest_p95_at_comparable_accuracy() -> None:
     rows = [{"sigma_threshold": 0.5, "sim_p95": 0.80, "frac_above": 0.0, "class_acc": 0.70},  # too inaccurate
             {"sigma_threshold": 1.0, "sim_p95": 0.90, "frac_above": 0.2, "class_acc": 0.89},
-            {"sigma_threshold": 2.0, "sim_p95": 0.90, "frac_above": 0.1, "class_acc": 0.90},  # tie on p95: fewer replicas
+            {"sigma_threshold": 2.0, "sim_p95": 0.90, "frac_above": 0.1, "class_acc": 0.90},  # p95 tie: fewer replicas
             {"sigma_threshold": 3.4, "sim_p95": 0.95, "frac_above": 0.3, "class_acc": 0.91}]
     assert select_best_threshold(rows, accuracy_tolerance=0.02)["sigma_threshold"] == 2.0
     assert select_best_threshold(rows, accuracy_tolerance=0.25)["sigma_threshold"] == 0.5
     assert select_best_threshold(rows, accuracy_tolerance=0.0)["sigma_threshold"] == 3.4
+    # by the replica fraction instead: 2.0 (0.1) among the accurate ones
+    assert select_best_threshold(rows, 0.02, replication_key="frac_above")["sigma_threshold"] == 2.0
+    assert select_best_threshold(rows, 0.25, replication_key="frac_above")["sigma_threshold"] == 0.5
+    with pytest.raises(ValueError, match="replication_key 'p99'"):
+        select_best_threshold(rows, replication_key="p99")
     with pytest.raises(ValueError, match="at least one row"):
         select_best_threshold([])
 

@@ -13,7 +13,8 @@ diffusers = pytest.importorskip("diffusers")
 from plpriv.nets.itb import SkipITB, install_itbs_diffusers, itb_modules, set_itb_mask  # noqa: E402
 
 TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-            norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+            norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"))
 
 
 def _unet() -> torch.nn.Module:
