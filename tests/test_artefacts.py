@@ -38,8 +38,8 @@ def test_grids_per_epoch_and_other_subcommands_keep_the_fit_files(tmp_path):
     run = tmp_path / "edm_digits_lora"
     grids = sorted((run / "val_samples").glob("*.png"))
     assert [g.name for g in grids] == ["epoch0000.png", "epoch0001.png"]  # one per validation, none overwritten
-    # one row of 10 samples of 16 px with 2 px padding is 182 x 20 px: upscaled x3 to >= 512 px
-    assert Image.open(grids[0]).size == (3 * (10 * 18 + 2), 3 * (16 + 4))
+    # one row of 10 samples of 8 px with 2 px padding is 102 x 12 px: upscaled x6 to >= 512 px
+    assert Image.open(grids[0]).size == (6 * (10 * 10 + 2), 6 * (8 + 4))
     fit_files = _files(run)
     assert "config.yaml" in fit_files and "hparams.yaml" in fit_files
 
@@ -52,7 +52,7 @@ def test_grids_per_epoch_and_other_subcommands_keep_the_fit_files(tmp_path):
     assert {"validate/config.yaml", "validate/val_samples/epoch0001.png", "predict/config.yaml",
             "predict/samples/samples.npz"} <= new
     samples = np.load(run / "predict" / "samples" / "samples.npz")
-    assert samples["images"].shape == (4, 16, 16, 1)
+    assert samples["images"].shape == (4, 8, 8, 1)
 
 
 def test_no_logger_writes_nothing_but_checkpoints(tmp_path):
