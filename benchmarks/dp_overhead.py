@@ -121,8 +121,8 @@ def ghost_module(model: Any) -> Any:
     class PerSample(base):  # type: ignore[misc, valid-type]
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
-            if hasattr(self, "_global_batch"):
-                self._global_batch = len(x)  # EDM's EMA step reads it
+            if hasattr(self, "prepare_training_batch"):  # EDM: records the batch its EMA step reads
+                x, y = self.prepare_training_batch(batch)
             return per_sample_loss(self, x, y)
 
     model.__class__ = PerSample
@@ -185,8 +185,7 @@ class PlainLoop:
                 losses.mean().backward()
             self.optimizer.step()
             if self.is_edm:  # EDM's EMA update, as in its optimizer_step
-                self.model._global_batch = len(x)
-                self.model.update_ema()
+                self.model.update_ema(batch_images=len(x))
         sync(self.args.device)
         return (time.perf_counter() - t0) * self.args.batch / len(x) if len(x) else None
 

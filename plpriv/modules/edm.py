@@ -446,8 +446,16 @@ class EDM(LightningModule):
         self.update_ema()
 
     @torch.no_grad()
-    def update_ema(self) -> float:
-        """One EMA step after an optimizer step (EDM): ``beta = 0.5 ** (batch / half_life)``; returns beta."""
+    def update_ema(self, batch_images: int | None = None) -> float:
+        """One EMA step after an optimizer step (EDM): ``beta = 0.5 ** (batch / half_life)``; returns beta.
+
+        ``batch_images``: images in this optimizer step over all ranks (default: what
+        :meth:`prepare_training_batch` recorded), for loops that step the network outside ``training_step``.
+        """
+        if batch_images is not None:
+            if isinstance(batch_images, bool) or not isinstance(batch_images, int) or batch_images < 0:
+                raise ValueError(f"`batch_images` must be an int >= 0, got {batch_images!r}")
+            self._global_batch = batch_images
         half_life = self.ema_halflife_img
         if self.ema_rampup_ratio is not None:
             half_life = min(half_life, float(self.images_seen) * self.ema_rampup_ratio)

@@ -248,3 +248,18 @@ def test_ddp_smoke_fit(tmp_path) -> None:
         assert torch.equal(restored.state_dict()[key], value), key
     assert int(ckpt["state_dict"]["images_seen"]) == 2 * 2 * 64  # two ranks of batch 64 per step
     assert (tmp_path / "edm_digits_lora" / "val_samples" / "epoch0000.png").exists()
+
+
+def test_update_ema_with_explicit_batch_follows_edm_formula() -> None:
+    model = EDM(tiny_net(), ema_halflife_img=100.0, ema_rampup_ratio=None, num_val_samples=0)
+    old = [p.detach().clone() for p in model.ema.parameters()]
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(1.0)
+    beta = model.update_ema(batch_images=50)
+    assert beta == pytest.approx(0.5 ** (50 / 100.0))  # EDM: beta = 0.5 ** (batch / half-life)
+    for e, o, n in zip(model.ema.parameters(), old, model.net.parameters()):
+        torch.testing.assert_close(e, beta * o + (1 - beta) * n)
+    assert int(model.images_seen) == 50
+    with pytest.raises(ValueError, match="batch_images"):
+        model.update_ema(batch_images=-1)
