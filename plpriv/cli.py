@@ -298,6 +298,21 @@ _CORRUPT_CHECKPOINT = ("PytorchStreamReader failed", "failed finding central dir
                        "Ran out of input", "unpickling")
 
 
+def _file_torch_load_failed_on(err: BaseException) -> str | None:
+    """The file ``torch.load`` was reading when ``err`` was raised inside it (``"a file"`` for a stream), else None.
+
+    Unpickling random or truncated bytes raises UnpicklingError, but also IndexError, KeyError, UnicodeDecodeError...
+    so the traceback, not the exception type, tells that the checkpoint was unreadable."""
+    tb = err.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "load" and code.co_filename.replace("\\", "/").endswith("torch/serialization.py"):
+            source = tb.tb_frame.f_locals.get("f")
+            return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "a file"
+        tb = tb.tb_next
+    return None
+
+
 def user_error_message(err: BaseException) -> str | None:
     """A short message for an error caused by the user's input (config, data, checkpoint, privacy budget), or None
     for anything else (a bug: shown with its traceback).
@@ -309,6 +324,10 @@ def user_error_message(err: BaseException) -> str | None:
     from urllib.error import URLError
 
     text = str(err)
+    unreadable = None if isinstance(err, OSError) else _file_torch_load_failed_on(err)
+    if unreadable is not None:  # any error from inside torch.load: a corrupt file raises whatever the bytes trigger
+        return (f"the checkpoint could not be read ({unreadable}): it is truncated or not a Lightning checkpoint. Pass"
+                " a complete .ckpt file to --ckpt_path (e.g. <run dir>/checkpoints/last.ckpt).")
     if isinstance(err, URLError):
         return (f"a download failed ({err.reason}); without internet access put the data set under the recipe's"
                 " `root` and set `download: false` (--data.init_args.download false).")

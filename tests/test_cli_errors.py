@@ -34,7 +34,7 @@ def _short_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
 
 def test_corrupt_checkpoint_and_debug_switch(tmp_path: Path) -> None:
     bad = tmp_path / "bad.ckpt"
-    bad.write_bytes(os.urandom(2000))
+    bad.write_bytes(__import__("random").Random(2).randbytes(2000))  # bytes on which torch's unpickler raises IndexError
     args = ("fit", "-c", str(ROOT / "recipes" / "classifier" / "digits.yaml"), "--ckpt_path", str(bad))
     _short_error(_plpriv(tmp_path, *args), "checkpoint could not be read", "--ckpt_path")
     assert "Traceback" in _plpriv(tmp_path, *args, env={"PLPRIV_DEBUG": "1"}).stderr
@@ -82,3 +82,25 @@ def test_user_error_message_keeps_bugs_loud(message: str) -> None:
     wrapped = ValueError("Does not validate against any of the Union subtypes\nErrors:\n  - root missing: set it\n"
                          "  - Expected a <class 'NoneType'>\nGiven value: Namespace(a=1)")
     assert user_error_message(wrapped) == "root missing: set it"
+
+
+def test_every_kind_of_unreadable_checkpoint_gets_the_short_message(tmp_path: Path) -> None:
+    """Random bytes make torch's unpickler raise UnpicklingError, IndexError, KeyError or UnicodeDecodeError (seeds
+    below found by trying); each must read as an unreadable checkpoint, naming the file, never as a bug."""
+    import random
+
+    import torch
+
+    from plpriv.cli import user_error_message
+
+    kinds = set()
+    for seed in (0, 2, 20, 195):  # UnpicklingError, IndexError, KeyError, UnicodeDecodeError
+        path = tmp_path / f"bad{seed}.ckpt"
+        path.write_bytes(random.Random(seed).randbytes(2000))
+        with pytest.raises(Exception) as info:
+            torch.load(path, weights_only=True, map_location="cpu")
+        kinds.add(type(info.value).__name__)
+        message = user_error_message(info.value)
+        assert message is not None and "checkpoint could not be read" in message and str(path) in message
+    assert len(kinds) >= 3  # the seeds do cover several exception types on this torch
+    assert user_error_message(IndexError("a bug elsewhere")) is None  # not from torch.load: shown as a bug
