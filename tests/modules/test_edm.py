@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from plpriv.data import DigitsDataModule
 from plpriv.metrics import ClassifierFeatures
 from plpriv.modules import EDM
-from plpriv.modules.edm import NonLeakingAugment
+from plpriv.nets import NonLeakingAugment
 from plpriv.nets import SmallCNN, SongUNet
 
 from _helpers import ROOT, run_plpriv
