@@ -103,22 +103,23 @@ def _privacy_record(path: str | os.PathLike) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def check_private_resume(trainer: Trainer, ckpt_path: str | os.PathLike | None) -> None:
+def check_private_resume(trainer: Trainer, ckpt_path: str | os.PathLike | None) -> str | None:
     """Refuse to continue a checkpoint that DPSGD wrote when ``trainer`` has no DPSGD callback.
 
     ``ckpt_path`` is a path or one of Lightning's names (``last``, ``best``, ``hpc``), resolved as ``Trainer.fit``
-    resolves it. Raises :class:`PrivateCheckpointError` with how to proceed knowingly.
+    resolves it. Raises :class:`PrivateCheckpointError` with how to proceed knowingly; returns the resolved path
+    (None: nothing to resume).
     """
     if ckpt_path is None:
-        return
+        return None
     path = _resolve_ckpt_path(trainer, ckpt_path)
     record = _privacy_record(path) if path is not None else None
     if record is None:
-        return
+        return path
     from plpriv.callbacks import DPSGD
 
     if any(isinstance(cb, DPSGD) for cb in trainer.callbacks):
-        return  # DPSGD itself checks that the noise, clipping and accountant match the checkpoint's
+        return path  # DPSGD itself checks that the noise, clipping and accountant match the checkpoint's
     raise PrivateCheckpointError(_refusal(str(path), record))
 
 
@@ -244,9 +245,7 @@ class PlprivCLI(LightningCLI):
 
     def before_fit(self) -> None:
         ensure_resume_checkpoint(self.trainer)  # first: `--ckpt_path last` also looks in its directory
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        check_private_resume(self.trainer, ckpt_path)
-        if ckpt_path is not None and _resolve_ckpt_path(self.trainer, ckpt_path) is not None:
+        if check_private_resume(self.trainer, self.config_init[self.subcommand].get("ckpt_path")) is not None:
             # resuming: the run's own checkpoint directory holds its checkpoints, as it should
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.")
         self.trainer.callbacks.insert(0, _PrivateCheckpointGuard())

@@ -52,6 +52,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from plpriv.callbacks._dp_training_step import batch_size_of
 from plpriv.callbacks.dp_sgd import DPSGD, PRIVACY_RECORD_KEY
 from plpriv.privacy.sparsified_gaussian import (
+    MASK_SEED_TAG,
     MASKS,
     SparsifiedGaussianLedger,
     check_keep_fraction,
@@ -66,7 +67,6 @@ from plpriv.privacy.sparsified_gaussian import (
 __all__ = ["PARTICIPANTS", "SparsifiedGaussian"]
 
 PARTICIPANTS = ("examples", "clients")
-MASK_SEED_TAG = "sparsified-mask"  # DPSGD.derive_seed(tag, step, key) is plpriv.privacy.sparsified_gaussian.mask_seed
 
 
 def _cat(batches: Sequence[Any]) -> Any:

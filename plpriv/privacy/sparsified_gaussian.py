@@ -78,6 +78,7 @@ from plpriv.privacy.ledger import EpsilonLedger
 from plpriv.utils.seeding import derive_seed
 
 __all__ = [
+    "MASK_SEED_TAG",
     "MASKS",
     "SparsifiedGaussianAccountant",
     "SparsifiedGaussianLedger",
@@ -121,11 +122,14 @@ def _check_mask(mask: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- masks
+MASK_SEED_TAG = "sparsified-mask"  # the purpose tag of mask seeds in derive_seed
+
+
 def mask_seed(seed: int, step: int, key: int) -> int:
     """Seed of the mask of participant ``key`` (a client id, or an example's position in the global batch) at
     ``step``: a function of the run's secret seed and public indices only, so every rank (and the aggregator)
     regenerates it and indices are never sent; never stored (it is as secret as the noise)."""
-    return derive_seed(int(seed), "sparsified-mask", int(step), int(key))
+    return derive_seed(int(seed), MASK_SEED_TAG, int(step), int(key))
 
 
 def kept_count(dim: int, keep_fraction: float) -> int:
