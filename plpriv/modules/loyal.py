@@ -58,7 +58,6 @@ def generation_metrics(
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(num_samples, *model.image_shape, generator=g)
     labels = torch.arange(num_samples) % model.num_classes if model.num_classes else None
-    model.eval()
     x = torch.cat([model.sample(latents=latents[s: s + batch_size],
                                 class_labels=None if labels is None else labels[s: s + batch_size]).cpu()
                    for s in range(0, num_samples, batch_size)]).clamp(-1, 1)
