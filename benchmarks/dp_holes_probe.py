@@ -56,7 +56,7 @@ def refused(fn: Any) -> str:
 
 
 def probe_checkpoint(root: str) -> str:
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, accountant="rdp")
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, accountant="rdp")
     t = trainer(root, [dp], max_steps=2)
     t.fit(ToyClassifier(), ToyData())
     t.save_checkpoint(f"{root}/p.ckpt")
@@ -77,7 +77,7 @@ class Growing(LightningDataModule):
 
 
 def probe_reload(root: str) -> str:
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
     trainer(root, [dp], max_epochs=2, reload_dataloaders_every_n_epochs=1).fit(ToyClassifier(), Growing())
     truth = pld_eps((8 / 48, 1.0, 6), (16 / 48, 1.0, 3))
     return f"reported {dp.get_epsilon():.3f} / PLD of the run {truth:.3f}"
@@ -97,7 +97,7 @@ class TwoSteps(ToyClassifier):
 
 
 def probe_two_steps(root: str) -> str:
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
     trainer(root, [dp], max_steps=10).fit(TwoSteps(), ToyData())
     return f"reported {dp.get_epsilon():.3f} for {dp.steps} releases (5 batches x 2)"
 
@@ -108,7 +108,7 @@ class PublicToo(ToyClassifier):
 
 
 def probe_public_batch(root: str) -> str:
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
     trainer(root, [dp], max_steps=3).fit(PublicToo(), ToyData(batch_size=12))
     return "trained silently (rows mixed)"
 
@@ -116,7 +116,7 @@ def probe_public_batch(root: str) -> str:
 def probe_divisor(root: str) -> str:
     out = []
     for n in (48, 49):
-        dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
+        dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
         seen: list[float] = []
 
         class Spy(Callback):
@@ -129,7 +129,7 @@ def probe_divisor(root: str) -> str:
 
 
 def probe_accumulation(root: str) -> str:
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=2.0, target_epsilon=3.0, target_delta=1e-5,
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=2.0, target_epsilon=3.0, target_delta=1e-5,
                poisson_sampling=False, seed=0)
     trainer(root, [dp, GradientAccumulationScheduler({0: 1, 1: 6})], max_epochs=40).fit(ToyClassifier(), ToyData())
     return f"final epsilon {dp.get_epsilon():.2f} vs target 3 after {dp.steps} steps"
@@ -149,7 +149,7 @@ def probe_sampler(root: str) -> str:
         def on_train_batch_start(self, t: Trainer, m: LightningModule, batch: Any, i: int) -> None:
             seen.update(int(v) for v in batch[0][:, 0])
 
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
     trainer(root, [dp, Spy()], max_epochs=3).fit(ToyClassifier(lr=0.0), Subset())
     return f"{sum(i % 2 for i in seen)} of {len(seen)} drawn examples outside the sampler's subset"
 
@@ -166,7 +166,7 @@ class Functional(ToyClassifier):
 def probe_frozen(root: str) -> str:
     model = Functional()
     before = model.head.weight.detach().clone()
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=0.0, target_delta=1e-5, seed=0)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=0.0, target_delta=1e-5, seed=0)
     trainer(root, [dp], max_steps=5).fit(model, ToyData())
     return f"head.weight moved by {float((model.head.weight - before).abs().max()):.3g} in 5 steps (frozen)"
 
@@ -184,7 +184,7 @@ def probe_prefetch(root: str) -> str:
 
     cf.ThreadPoolExecutor.submit = spy  # type: ignore[method-assign]
     try:
-        dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0, accountant="rdp")
+        dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0, accountant="rdp")
         trainer(root, [dp], max_steps=1, log_every_n_steps=10**4).fit(ToyClassifier(), ToyData())
     finally:
         cf.ThreadPoolExecutor.submit = submit  # type: ignore[method-assign]

@@ -191,7 +191,7 @@ class PlainLoop:
 
 
 def run_pair(net: str, mode: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    """``Trainer.fit`` of plpriv's module (with ``DPSGD(grad_sample_mode=mode)`` unless ``mode="none"``) hosting the
+    """``Trainer.fit`` of plpriv's module (with ``DPSGD(dataset_size=48, grad_sample_mode=mode)`` unless ``mode="none"``) hosting the
     plain loops: each Lightning step is timed between its batch-start and batch-end hooks, and next to it (before it
     on even steps, after it on odd ones, in reversed order) one step of a plain non-private loop and, for a private
     mode, one of the plain opacus loop. Returns per-step times (ms, scaled to ``--batch``) of every runner, paired by
@@ -248,7 +248,7 @@ def run_pair(net: str, mode: str, args: argparse.Namespace) -> dict[str, list[fl
             self.step += 1
 
     callbacks: list[Callback] = [] if mode == "none" else [
-        DPSGD(max_grad_norm=CLIP, noise_multiplier=SIGMA, grad_sample_mode=mode, seed=0, target_delta=1e-5)
+        DPSGD(dataset_size=48, max_grad_norm=CLIP, noise_multiplier=SIGMA, grad_sample_mode=mode, seed=0, target_delta=1e-5)
     ]
     trainer = Trainer(accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
                       max_steps=args.warmup + args.steps, callbacks=[*callbacks, Alternate()], logger=False,

@@ -115,7 +115,9 @@ def train(participants: str, keep: float, args: argparse.Namespace) -> dict[str,
         warnings.simplefilter("ignore")
         trainer.fit(model, data)
         test = trainer.test(model, data, verbose=False)[0]
-    comm = sg.comm_stats
+    # measurement of what was actually packed: the realised counts of the last step, an UNPUBLISHED path (they
+    # reveal the Poisson draw; sg.comm_stats, the logged numbers, are public expectations)
+    comm = sg._unpublished_last_step_comm()
     dim = sum(p.numel() for p in model.parameters())
     return {"participants": participants, "keep": keep, "lr": lr, "epsilon": sg.get_epsilon(), "delta": delta,
             "epsilon_paper_style": sg.get_epsilon_lower_bound(), "sigma": sg.effective_noise_multiplier,

@@ -75,7 +75,7 @@ def test_check_private_resume(tmp_path):
     check_private_resume(plain, None)
     check_private_resume(plain, "last")  # nothing to resume: no checkpoint callback, nothing found
     private_trainer = Trainer(logger=False, enable_checkpointing=False,
-                              callbacks=[DPSGD(max_grad_norm=1.0, noise_multiplier=1.1)])
+                              callbacks=[DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.1)])
     check_private_resume(private_trainer, private)  # DPSGD itself checks noise, clipping and accountant
 
 
@@ -84,7 +84,7 @@ def test_guard_sees_the_checkpoint_fit_loads():
     with pytest.raises(PrivateCheckpointError, match="callbacks/dp_sgd.yaml"):
         _PrivateCheckpointGuard().on_load_checkpoint(plain, None, {PRIVACY_KEY: RECORD})
     _PrivateCheckpointGuard().on_load_checkpoint(plain, None, {"state_dict": {}})
-    private = Trainer(logger=False, enable_checkpointing=False, callbacks=[DPSGD(max_grad_norm=1, noise_multiplier=1)])
+    private = Trainer(logger=False, enable_checkpointing=False, callbacks=[DPSGD(dataset_size=48, max_grad_norm=1, noise_multiplier=1)])
     _PrivateCheckpointGuard().on_load_checkpoint(private, None, {PRIVACY_KEY: RECORD})
 
 

@@ -12,6 +12,10 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 __all__ = [
+    "ADJACENCIES",
+    "check_adjacency",
+    "check_dataset_size",
+    "check_metric_names",
     "check_physical_batch_size",
     "check_rates",
     "check_secure_mode",
@@ -32,6 +36,30 @@ def number(name: str, value: Any, *, allow_zero: bool = False, allow_none: bool 
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"`{name}` must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
     return float(value)
+
+
+ADJACENCIES = ("add_remove", "replace_one")
+
+
+def check_adjacency(adjacency: Any) -> str:
+    if adjacency not in ADJACENCIES:
+        raise ValueError(f"`adjacency` must be one of {ADJACENCIES}, got {adjacency!r}.")
+    return str(adjacency)
+
+
+def check_dataset_size(value: Any) -> int | None:
+    """The user's public data set size (add/remove adjacency: q = B / dataset_size without revealing N)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"`dataset_size` must be a positive int (a public figure) or None, got {value!r}.")
+    return value
+
+
+def check_metric_names(names: Any) -> tuple[str, ...]:
+    """Names of metrics a user publishes from ``training_step`` knowingly (not covered by epsilon)."""
+    names = [names] if isinstance(names, str) else list(names or ())
+    if any(not isinstance(n, str) or not n for n in names):
+        raise ValueError(f"`log_training_metrics` must be a list of metric names, got {names!r}.")
+    return tuple(names)
 
 
 def check_physical_batch_size(value: Any) -> None:

@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from plpriv.callbacks._dp_setup import budget_dir
-from plpriv.privacy.accounting import default_delta
+from plpriv.privacy.adjacency import PublicRate
 
 if TYPE_CHECKING:
     from plpriv.callbacks.dp_sgd import DPSGD
@@ -20,13 +20,16 @@ if TYPE_CHECKING:
 __all__ = ["budget_end", "noise_multiplier_for", "run_delta", "stop_for_budget"]
 
 
-def run_delta(delta: float | None, num_samples: int) -> float:
-    """The run's delta: the user's, else 1/N^1.1 (said); a warning when it is >= 1/N."""
+def run_delta(delta: float | None, public: PublicRate) -> float:
+    """The run's delta: the user's, else 1/N^1.1 of the public size (said); a warning when it is >= 1/N (public N
+    only: under add/remove with a bare ``sample_rate`` the size is unknown here, by design)."""
     if delta is None:
-        delta = default_delta(num_samples)
-        rank_zero_info(f"DPSGD: `target_delta` not given; delta = 1/N^1.1 = {delta:.3g} for N = {num_samples}.")
-    if delta >= 1.0 / num_samples:
-        rank_zero_warn(f"DPSGD: delta = {delta:.3g} >= 1/N = {1 / num_samples:.3g} allows leaking a record.")
+        if public.default_delta is None:
+            raise ValueError("DPSGD: give `target_delta`: no public data set size to derive it from.")
+        delta = public.default_delta
+        rank_zero_info(f"DPSGD: `target_delta` not given; delta = 1/N^1.1 = {delta:.3g} for the public N.")
+    if public.default_delta is not None and delta >= public.default_delta ** (1 / 1.1):
+        rank_zero_warn(f"DPSGD: delta = {delta:.3g} >= 1/N allows leaking a record.")
     return delta
 
 

@@ -31,7 +31,7 @@ def start_line(dp: DPSGD) -> str:
     """The line at the start of training: the mechanism's constants."""
     return (
         f"DPSGD: sigma={dp.effective_noise_multiplier:.4g}, C={dp.max_grad_norm:g}, q={dp.sample_rate:.4g}, divisor B="
-        f"{dp.expected_batch_size:g}, delta={dp.delta:.3g}, accountant={dp.accountant},"
+        f"{dp.expected_batch_size:g}, delta={dp.delta:.3g}, {dp.adjacency} adjacency, accountant={dp.accountant},"
         f" {'Poisson' if dp.poisson_sampling else 'fixed-size'} batches, grad_sample_mode={dp.grad_sample_mode}."
     )
 
@@ -41,7 +41,8 @@ def summary(dp: DPSGD) -> str:
     or a subclass's mechanism) and its accountant, then the mechanism's constants."""
     ledger = dp.ledger
     return (
-        f"DPSGD: {dp.steps} steps, (epsilon, delta) = ({dp.get_epsilon():.4f}, {dp.delta:.3g}): {ledger.title} by"
+        f"DPSGD: {dp.steps} steps, (epsilon, delta) = ({dp.get_epsilon():.4f}, {dp.delta:.3g}) under {dp.adjacency}"
+        f" adjacency: {ledger.title} by"
         f" {type(ledger).__name__} (accountant={ledger.accountant}; sigma={dp.effective_noise_multiplier:.4g},"
         f" q={dp.sample_rate:.4g}, C={dp.max_grad_norm:g})."
     )

@@ -45,11 +45,14 @@ def check_same_mechanism(dp: DPSGD, state_dict: dict[str, Any]) -> None:
     """Refuse a checkpoint trained with another accountant, noise multiplier or clipping bound, unless
     ``allow_mechanism_change``."""
     mechanism = state_dict["accountant"].get("mechanism", dp.accountant)
+    adjacency = state_dict["accountant"].get("adjacency", "add_remove")
     history = state_dict["accountant"]["history"]
     sigma = state_dict.get("noise_multiplier")
     changes = []
     if mechanism != dp.accountant:
         changes.append(f"accountant {mechanism!r} -> {dp.accountant!r}")
+    if adjacency != dp.adjacency:
+        changes.append(f"adjacency {adjacency!r} -> {dp.adjacency!r}")
     if dp.noise_multiplier is not None and history and sigma is not None and sigma != dp.noise_multiplier:
         changes.append(f"noise_multiplier {sigma} -> {dp.noise_multiplier}")
     clip = state_dict.get("max_grad_norm")
@@ -68,6 +71,7 @@ def privacy_record(dp: DPSGD) -> dict[str, Any]:
     return {
         "mechanism": "dp-sgd",
         "trained_privately": True,
+        "adjacency": dp.adjacency,
         "accountant": dp.accountant,
         "epsilon": dp.get_epsilon() if dp.delta is not None else None,
         "delta": dp.delta,

@@ -4,6 +4,7 @@ noise/sampling seed with its secret file."""
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ __all__ = [
     "budget_dir",
     "check_poisson_source",
     "check_trainer",
-    "checkpoint_dirs",
+    "check_secret_dir",
     "flat_train_loaders",
     "loader_constants",
     "private_optimizer",
@@ -136,17 +137,15 @@ def flat_train_loaders(trainer: Trainer) -> list[Any]:
     return [loaders]
 
 
-def loader_constants(trainer: Trainer, poisson: PoissonDataLoader | None, fixed_sample_rate: float | None
-                     ) -> tuple[float, int, float]:
+def loader_constants(trainer: Trainer, poisson: PoissonDataLoader | None) -> tuple[float, int, float]:
     """(q per Lightning batch, N, the public global divisor B) of the Poisson loader, else of the fixed-size train
-    loader (each rank sees 1/world_size of the data; q as opacus: 1 / batches, unless fixed)."""
+    loader (each rank sees 1/world_size of the data; its q is the caller's, from public figures: NaN here)."""
     if poisson is not None:
         return poisson.sample_rate, len(poisson.dataset), float(poisson.batch_size)  # type: ignore[arg-type]
     loaders = flat_train_loaders(trainer)
     if len(loaders) != 1 or not isinstance(loaders[0], DataLoader) or loaders[0].batch_size is None:
         raise ValueError("DPSGD needs exactly one train DataLoader with a `dataset` and a `batch_size`.")
-    rate = fixed_sample_rate or 1.0 / len(loaders[0])
-    return rate, len(loaders[0].dataset), float(loaders[0].batch_size * trainer.world_size)  # type: ignore[arg-type]
+    return math.nan, len(loaders[0].dataset), float(loaders[0].batch_size * trainer.world_size)  # type: ignore
 
 
 def wrap_train_dataloader(trainer: Trainer, make: Callable[[Any], Any]) -> Callable[[], None]:
@@ -179,45 +178,53 @@ def wrap_train_dataloader(trainer: Trainer, make: Callable[[Any], Any]) -> Calla
     raise ValueError("DPSGD found no train dataloader: pass a datamodule or `train_dataloaders` to `fit`.")
 
 
-def resolve_seed(trainer: Trainer, seed: int | None, run_id: str | None) -> tuple[int, str]:
-    """(seed, run id) of this fit: the user's seed, else the resumed run's from the secret file next to the
-    checkpoint, else 128 bits of fresh OS entropy and a new run id (agreed by all ranks)."""
-    warn = ""
+def resolve_seed(trainer: Trainer, seed: int | None, run_id: str | None, secret_dir: str | None
+                 ) -> tuple[int, str]:
+    """(seed, run id) of this fit: the user's seed, else the resumed run's from its secret file in ``secret_dir``,
+    else 128 bits of fresh OS entropy (agreed by all ranks). A resumed run without a kept secret draws fresh noise
+    and batches: its epsilon and steps are an uninterrupted run's, its weights are not bit-identical."""
+    note = ""
     if trainer.is_global_zero and seed is None:
-        directory = os.path.dirname(os.path.abspath(trainer.ckpt_path)) if trainer.ckpt_path else None
-        if run_id is not None and directory is not None:
-            seed = read_secret(directory, run_id)
+        if run_id is not None and secret_dir is not None and trainer.ckpt_path:
+            seed = read_secret(secret_dir, run_id)
             if seed is None:
-                warn = (f"DPSGD: no secret file {secret_path(directory, run_id)} next to the checkpoint: continuing"
-                        " with fresh noise and sampling (accounting unchanged; the resumed run is not bit-identical"
-                        " to an uninterrupted one).")
+                note = (f"DPSGD: no secret file {secret_path(secret_dir, run_id)}: continuing with fresh noise and"
+                        " sampling (accounting unchanged; the resumed run is not bit-identical to an uninterrupted"
+                        " one).")
         if seed is None:
-            seed, run_id = fresh_seed(), uuid.uuid4().hex
+            seed = fresh_seed()
     run_id = run_id or uuid.uuid4().hex
     if trainer.world_size > 1:
         seed, run_id = trainer.strategy.broadcast((seed, run_id), src=0)
-    if warn:
-        rank_zero_warn(warn)
+    if note:
+        rank_zero_warn(note)
     return int(seed), str(run_id)  # type: ignore[arg-type]
 
 
-def save_secret(trainer: Trainer, directories: list[str], run_id: str, seed: int) -> str | None:
-    """Write the secret file into every checkpoint directory (rank zero); returns the last path."""
-    path = None
-    if trainer.is_global_zero:
-        for directory in directories:
-            path = str(write_secret(directory, run_id, seed))
-        if path:
-            rank_zero_info(f"DPSGD: the noise and sampling secret is in {path} (owner-only; it makes resume exact;"
-                           " never publish it with the checkpoints).")
-    return path
-
-
-def checkpoint_dirs(dp: DPSGD, trainer: Trainer) -> list[str]:
+def check_secret_dir(trainer: Trainer, secret_dir: str) -> None:
+    """Refuse a secret directory inside a folder of the run's artefacts (checkpoints, logs, the root dir): those
+    folders get copied and published, and whoever holds the seed can replay the noise and the batches."""
+    target = os.path.realpath(secret_dir)
     dirs = [cb.dirpath for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
-    if dp.target_epsilon is not None and dp.stop_on_budget:
-        dirs.append(budget_dir(trainer))
-    return sorted({os.path.abspath(d) for d in dirs})
+    dirs += [trainer.default_root_dir] + [lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None)]
+    for d in dirs:
+        root = os.path.realpath(d)
+        if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+            raise ValueError(
+                f"DPSGD(secret_dir={secret_dir!r}) is inside the run's artefact folder {d!r}, which gets copied and"
+                " published with the checkpoints. Give a private path outside it (e.g. ~/.plpriv/secrets), or"
+                " secret_dir=None (nothing kept; a resumed run draws fresh noise, same epsilon)."
+            )
+
+
+def save_secret(trainer: Trainer, secret_dir: str, run_id: str, seed: int) -> str | None:
+    """Write the secret file into ``secret_dir`` (rank zero); returns its path."""
+    if not trainer.is_global_zero:
+        return None
+    path = str(write_secret(secret_dir, run_id, seed))
+    rank_zero_info(f"DPSGD: the noise and sampling secret is in {path} (owner-only, outside the run folder; it makes"
+                   " resume exact and is deleted when training ends).")
+    return path
 
 
 def budget_dir(trainer: Trainer) -> str:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,6 +63,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from plpriv.callbacks._dp_args import (
+    check_adjacency,
+    check_dataset_size,
+    check_metric_names,
     check_physical_batch_size,
     check_rates,
     check_secure_mode,
@@ -83,7 +87,7 @@ from plpriv.callbacks._dp_records import (
 from plpriv.callbacks._dp_setup import (
     check_poisson_source,
     check_trainer,
-    checkpoint_dirs,
+    check_secret_dir,
     flat_train_loaders,
     loader_constants,
     private_optimizer,
@@ -94,9 +98,11 @@ from plpriv.callbacks._dp_setup import (
 )
 from plpriv.callbacks._dp_training_step import batch_size_of, clear_per_sample_state, wrap_training_step
 from plpriv.privacy.accounting import ACCOUNTANTS
+from plpriv.privacy.adjacency import PublicRate, public_rate
+from plpriv.privacy.contract import PrivateTrainingAware, PublicBatch
 from plpriv.privacy.ledger import EpsilonLedger
 from plpriv.privacy.per_sample import GRAD_SAMPLE_MODES, PerSampleHooks
-from plpriv.privacy.poisson import PoissonDataLoader
+from plpriv.privacy.poisson import PoissonDataLoader, sampler_support
 from plpriv.privacy.validation import check_loss_modules, fix_modules, private_roots, validate_modules
 from plpriv.utils import seeding
 
@@ -159,6 +165,10 @@ class DPSGD(Callback):
         allow_mechanism_change: bool = False,
         plot: bool = True,
         memoize_accounting: bool = False,
+        adjacency: str = "add_remove",
+        dataset_size: int | None = None,
+        secret_dir: str | None = None,
+        log_training_metrics: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.max_grad_norm = number("max_grad_norm", max_grad_norm)
@@ -177,6 +187,14 @@ class DPSGD(Callback):
         check_seed(seed, secure_mode)
         check_secure_mode(secure_mode)
         private_optimizers = private_optimizer_index(private_optimizers)
+        adjacency, dataset_size = check_adjacency(adjacency), check_dataset_size(dataset_size)
+        if adjacency == "add_remove" and sample_rate is None and dataset_size is None:
+            public_rate(1, 1, adjacency)  # raises: under add/remove q must not come from N (names the fix)
+        if adjacency == "add_remove" and target_delta is None and dataset_size is None:
+            raise ValueError(
+                "DPSGD(adjacency='add_remove'): the default delta 1/N^1.1 would publish the private data set size N."
+                " Give `target_delta` (e.g. 1e-5), or `dataset_size=<a public figure>` to derive it from."
+            )
         self.target_delta = None if target_delta is None else float(target_delta)
         self.accountant = accountant
         self.fixed_sample_rate = None if sample_rate is None else float(sample_rate)
@@ -190,14 +208,19 @@ class DPSGD(Callback):
         self.private_optimizers = private_optimizers
         self.allow_mechanism_change = bool(allow_mechanism_change)
         self.plot = bool(plot)
+        self.adjacency, self.dataset_size = adjacency, dataset_size
+        self.secret_dir = None if secret_dir is None else str(secret_dir)
+        self.log_training_metrics = check_metric_names(log_training_metrics)
+        self._module: LightningModule | None = None
 
         # run state (public; saved in ``state_dict``)
-        self.ledger = EpsilonLedger(accountant, memoize=memoize_accounting)
+        self.ledger = EpsilonLedger(accountant, memoize=memoize_accounting, adjacency=adjacency)
         self.effective_noise_multiplier: float | None = self.noise_multiplier
         self.sample_rate: float | None = None  # q of the latest step
         self.expected_batch_size: float | None = None  # the public divisor B (global)
         self.delta: float | None = self.target_delta
-        self.num_samples: int | None = None  # N of the latest loader (not saved)
+        self.num_samples: int | None = None  # N of the latest loader (private under add/remove: never published)
+        self.public_rate: PublicRate | None = None  # q, steps per epoch, default delta from public figures
         self.run_id: str | None = None
         self.secret_path: str | None = None
         self.budget_checkpoint_path: str | None = None
@@ -239,6 +262,15 @@ class DPSGD(Callback):
             raise ValueError("No delta known yet: pass `delta` or set `target_delta`.")
         return self.ledger.epsilon(float(delta), curve=delta == self.delta)
 
+    @property
+    def public_batch(self) -> PublicBatch | None:
+        """The public batch constants (B, q, physical chunk size, adjacency) once known, for modules and callbacks
+        (:mod:`plpriv.privacy.contract`); ``None`` before ``on_train_start``."""
+        if self.expected_batch_size is None or self.sample_rate is None:
+            return None
+        return PublicBatch(float(self.expected_batch_size), float(self.sample_rate), self.max_physical_batch_size,
+                           self.adjacency)
+
     # ------------------------------------------------------------------ for subclasses (fit-time objects)
     @property
     def train_loader(self) -> PoissonDataLoader | None:
@@ -269,6 +301,8 @@ class DPSGD(Callback):
         if stage != "fit":
             return
         check_trainer(self, trainer, pl_module)
+        if self.secret_dir is not None:
+            check_secret_dir(trainer, self.secret_dir)
         warn_fixed_seed(self.seed)
         if self.secure_mode and self._secure_rng is None:
             self._secure_rng = secure_generator()
@@ -288,9 +322,13 @@ class DPSGD(Callback):
         if isinstance(loader, PoissonDataLoader):
             return loader
         check_poisson_source(loader)
+        support = sampler_support(loader)
+        self.public_rate = public_rate(int(loader.batch_size), len(loader.dataset) if support is None else len(support),
+                                       self.adjacency, self.fixed_sample_rate, self.dataset_size)
         self._loader = PoissonDataLoader.from_data_loader(
             loader, seed=seeding.derive_seed(self._seed or 0, "sample"), rank=trainer.global_rank,
-            world_size=trainer.world_size, generator=self._secure_rng, sample_rate=self.fixed_sample_rate,
+            world_size=trainer.world_size, generator=self._secure_rng, sample_rate=self.public_rate.sample_rate,
+            num_batches=self.public_rate.steps_per_epoch,
         )
         if self._dp_optimizer is not None:  # reloaded during training (reload_dataloaders_every_n_epochs)
             self._set_rate(trainer)
@@ -312,9 +350,9 @@ class DPSGD(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_resumed_privately(self, trainer, self._loaded is not None)
         if not self.secure_mode:
-            self._seed, self.run_id = resolve_seed(trainer, self.seed, self.run_id)
-            if self.seed is None:
-                self.secret_path = save_secret(trainer, checkpoint_dirs(self, trainer), self.run_id, self._seed)
+            self._seed, self.run_id = resolve_seed(trainer, self.seed, self.run_id, self.secret_dir)
+            if self.seed is None and self.secret_dir is not None:
+                self.secret_path = save_secret(trainer, self.secret_dir, self.run_id, self._seed)
         if self.poisson_sampling:
             loader = self._loader
             if loader is None or not any(dl is loader for dl in flat_train_loaders(trainer)):
@@ -326,7 +364,7 @@ class DPSGD(Callback):
             if self._loaded and self._loaded.get("loader") is not None:
                 loader.load_state_dict(self._loaded["loader"])
         self._set_rate(trainer)
-        self.delta = run_delta(self.delta, self.num_samples)  # type: ignore[arg-type]
+        self.delta = run_delta(self.delta, self.public_rate)  # type: ignore[arg-type]
         self._planned = float(trainer.estimated_stepping_batches)
         sigma = noise_multiplier_for(self, trainer, self._planned)
         self.effective_noise_multiplier = sigma
@@ -349,7 +387,14 @@ class DPSGD(Callback):
             self._sync_off.enter_context(trainer.strategy.model.no_sync())
         if pl_module.automatic_optimization:
             self._restore.append(wrap_training_step(self, trainer, pl_module))
+        self._module = pl_module
+        self._tell_module(pl_module)
         rank_zero_info(start_line(self))
+
+    def _tell_module(self, pl_module: LightningModule | None) -> None:
+        """The module's side of the public-batch contract (:mod:`plpriv.privacy.contract`)."""
+        if pl_module is not None and isinstance(pl_module, PrivateTrainingAware):
+            pl_module.configure_private_training(self.public_batch)
 
     def dp_optimizer_class(self, trainer: Trainer) -> type[DPOptimizer]:
         """Extension point: the opacus optimizer class (flat clipping); subclasses may return a subclass of it."""
@@ -361,11 +406,16 @@ class DPSGD(Callback):
         poisson = self._loader if self.poisson_sampling else None
         if self.poisson_sampling and poisson is None:
             raise RuntimeError("DPSGD: no Poisson loader yet (`setup` did not wrap `train_dataloader`).")
-        self._batch_rate, self.num_samples, self.expected_batch_size = loader_constants(
-            trainer, poisson, self.fixed_sample_rate)
+        self._batch_rate, self.num_samples, self.expected_batch_size = loader_constants(trainer, poisson)
+        if poisson is None:  # fixed-size batches: q from the public figures too
+            self.public_rate = public_rate(int(self.expected_batch_size), self.num_samples, self.adjacency,
+                                           self.fixed_sample_rate, self.dataset_size)
+            self._batch_rate = self.public_rate.sample_rate
         if self._dp_optimizer is not None:
             self._dp_optimizer.expected_batch_size = self.expected_batch_size / trainer.world_size
         self.sample_rate = self._step_rate(trainer)
+        if self._dp_optimizer is not None:
+            self._tell_module(self._module)
 
     def _step_rate(self, trainer: Trainer) -> float:
         return min(1.0, self._batch_rate * trainer.accumulate_grad_batches)
@@ -453,6 +503,9 @@ class DPSGD(Callback):
         if self._dp_optimizer is None or not self.history:
             return
         rank_zero_info(summary(self))
+        if self.secret_path is not None and trainer.is_global_zero:  # training ended: nothing left to resume
+            Path(self.secret_path).unlink(missing_ok=True)
+            self.secret_path = None
         if self.plot:  # artefacts go to the log directory, or nowhere without a logger
             save_epsilon_plot(self, trainer)
 
@@ -464,6 +517,9 @@ class DPSGD(Callback):
         self._undo()
 
     def _undo(self) -> None:
+        if self._module is not None and isinstance(self._module, PrivateTrainingAware):
+            self._module.configure_private_training(None)
+        self._module = None
         self._sync_off.close()
         if self._hooks is not None:
             self._hooks.cleanup()

@@ -11,11 +11,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from plpriv.metrics.hessian import hessian_scores, log_density_hessian_eigs
 from plpriv.metrics.replication import ReplicationScore
+from plpriv.privacy.contract import find_private_training
 from plpriv.sampling.edm import edm_sampler
 from plpriv.utils.figures import figure, run_dir, save_and_log_figure
 
@@ -76,6 +78,14 @@ class MemorizationMonitor(Callback):
     spectrum (memorised vs not) and appends per-sample scores to ``<log dir>/memorization_scores.csv``. Rank zero
     only.
 
+    Under differential privacy (a private-training callback such as :class:`plpriv.callbacks.DPSGD` in
+    ``trainer.callbacks``) everything written here leaves the process, but only the weights are covered by epsilon.
+    Samples from fixed seeded latents are a function of the weights (post-processing) and stay allowed; statistics
+    that read the training set (``source="train"``, and ``replication`` against the training set: its similarities
+    and nearest-training-image indices reveal membership) are refused at ``setup``, before any step. Give
+    ``replication_reference``, a public image set, to compute the replication score against it instead, or opt in
+    knowingly with ``allow_private_statistics`` (warned once; the files are then not covered by epsilon).
+
     Denoiser protocol: the LightningModule exposes ``D(x, sigma, class_labels) -> denoised`` as an attribute or a
     no-argument getter named ``denoiser_attr`` (default: the first of ``ema_denoiser``, ``denoiser``; plpriv's EDM
     module has both, ``ema_denoiser`` being its EMA network). The denoiser's ``label_dim`` attribute (0 or missing:
@@ -93,9 +103,14 @@ class MemorizationMonitor(Callback):
         num_iters: Lanczos iterations (default ``min(d, max(2k, k + 20))``).
         num_steps: sampler steps; ``sampler_kwargs`` go to :func:`plpriv.sampling.edm_sampler`.
         batch_size: samples per batched Lanczos run (memory: batch_size * num_iters * d floats).
-        replication: also log the replication score of the same samples against the training set;
-            ``replication_feature`` / ``replication_threshold`` / ``replication_center`` configure
-            :class:`plpriv.metrics.ReplicationScore`.
+        replication: also log the replication score of the same samples against the training set (or
+            ``replication_reference``); ``replication_feature`` / ``replication_threshold`` / ``replication_center``
+            configure :class:`plpriv.metrics.ReplicationScore`.
+        replication_reference: a public reference set used instead of the training set for ``replication``: a
+            map-style dataset of images or ``(image, ...)`` tuples, or a tensor (N, C, H, W);
+            ``replication_index`` then indexes it. Required for ``replication`` under DP.
+        allow_private_statistics: under DP, compute the training-set statistics anyway (``source="train"``,
+            ``replication`` without a reference); their outputs are not covered by epsilon.
         img_shape: (C, H, W) of generated samples; default: the module's ``image_shape`` attribute, else the shape
             of a training image.
         seed: seeds latents, labels, training-image choice and Lanczos start vectors (same points every time).
@@ -122,6 +137,8 @@ class MemorizationMonitor(Callback):
         seed: int = 0,
         denoiser_attr: str | None = None,
         csv_name: str = "memorization_scores.csv",
+        replication_reference: Dataset | Tensor | None = None,
+        allow_private_statistics: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("every_n_epochs", every_n_epochs), ("num_samples", num_samples), ("k", k),
@@ -154,8 +171,11 @@ class MemorizationMonitor(Callback):
         self.seed = seed
         self.denoiser_attr = denoiser_attr
         self.csv_name = csv_name
+        self.replication_reference = replication_reference
+        self.allow_private_statistics = bool(allow_private_statistics)
         self.history: list[dict[str, float]] = []
         self._replication_metric: ReplicationScore | None = None
+        self._warned_private = False
 
     # -- resume ---------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -163,6 +183,34 @@ class MemorizationMonitor(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
+
+    # -- differential privacy ---------------------------------------------------------------------------------
+    def _training_set_statistics(self) -> list[str]:
+        """What this configuration would compute from the training set (empty: public data and weights only)."""
+        reads = []
+        if self.source == "train":
+            reads.append("source='train' scores training images (use source='generated')")
+        if self.replication and self.replication_reference is None:
+            reads.append("replication compares samples to the training set (give a public `replication_reference`, "
+                         "or set replication=False)")
+        return reads
+
+    def _check_private(self, trainer: Trainer) -> None:
+        """Refuse training-set statistics under DP (unless opted in), before the first step."""
+        reads = self._training_set_statistics()
+        if not reads or find_private_training(trainer.callbacks) is None:
+            return
+        if not self.allow_private_statistics:
+            raise ValueError("MemorizationMonitor under DP: " + "; ".join(reads) + ". Its outputs would leak "
+                             "training-set membership outside epsilon (allow_private_statistics=True to override).")
+        if not self._warned_private:
+            self._warned_private = True
+            rank_zero_warn(f"MemorizationMonitor(allow_private_statistics=True): {self.csv_name}, its figures and "
+                           "logged metrics are computed from the training set and are NOT covered by the DP epsilon.")
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_private(trainer)
 
     # -- hooks ----------------------------------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -177,6 +225,7 @@ class MemorizationMonitor(Callback):
         without one), on rank zero; returns the per-sample results. Under DDP pass ``directory`` from all ranks."""
         if not trainer.is_global_zero:
             return {}
+        self._check_private(trainer)  # also when called by hand, outside `fit`
         directory = directory if directory is not None else run_dir(trainer)
         denoiser = resolve_denoiser(pl_module, self.denoiser_attr)
         # eval() for sampling and scoring, then every submodule back to its own mode (an EMA copy may stay in eval).
@@ -221,8 +270,9 @@ class MemorizationMonitor(Callback):
                 labels = F.one_hot(torch.as_tensor([int(it[1]) for it in items]), label_dim).float().to(device)
             return x, labels
         shape = self.img_shape or getattr(pl_module, "image_shape", None)
-        if shape is None:
-            shape = tuple(_image_of(_train_dataset(trainer)[0]).shape)
+        if shape is None:  # the data domain's shape: public
+            ref = self.replication_reference
+            shape = tuple(_image_of(_train_dataset(trainer)[0] if ref is None else ref[0]).shape)
         latents = torch.randn((self.num_samples, *shape), generator=g).to(device)
         labels = None
         if label_dim:
@@ -268,10 +318,12 @@ class MemorizationMonitor(Callback):
         return out
 
     def _replication(self, trainer: Trainer, device: torch.device) -> ReplicationScore:
-        if self._replication_metric is None:  # training-set features: extracted once per fit
-            loader = DataLoader(_train_dataset(trainer), batch_size=256, shuffle=False)
+        if self._replication_metric is None:  # reference features: extracted once per fit
+            ref = self.replication_reference
+            reference = ref if isinstance(ref, Tensor) else DataLoader(
+                _train_dataset(trainer) if ref is None else ref, batch_size=256, shuffle=False)
             self._replication_metric = ReplicationScore(
-                loader, feature=self.replication_feature, threshold=self.replication_threshold,
+                reference, feature=self.replication_feature, threshold=self.replication_threshold,
                 center=self.replication_center,
                 sync_on_compute=False,  # only rank zero computes: a cross-rank sync here would wait forever
             ).to(device)

@@ -25,20 +25,32 @@ train batches into client ids.
     gradient, while the values to send exist only after per-client clipping and masking in the optimizer step;
     DPSGD already disables DDP's own gradient sync.)
 
-Logged with ``dp/*``: ``comm/keep_fraction``, ``comm/bytes_per_step`` (the kept values all participants of the
-step send, counted from the packed tensors), ``comm/dense_bytes_per_step`` (d values each), ``comm/compression``;
-under DDP with clients (``comm/*_bytes_per_step`` count the clients of all ranks) also ``comm/rank_bytes_sent``
-(this rank's all_gather volume, ring: (W-1) x its padded chunk) and ``comm/rank_dense_bytes`` (DP-SGD's ring
-all-reduce of d values: 2 (W-1)/W x d values).
+Logged with ``dp/*`` (and returned by :attr:`SparsifiedGaussian.comm_stats`, printed at the end): public
+expectations only, functions of the public constants (B = ``expected_batch_size``, the expected participants per
+step and the noise divisor; d, the private parameters; their element size; gamma; the world size). The
+realised number of participants of a Poisson round (and so the bytes actually sent) reveals who took part; it never
+leaves the process. ``comm/keep_fraction`` (gamma); ``comm/bytes_per_step`` = B gamma' d x element size, the
+expected kept values all participants of a step send (gamma' = ``effective_keep_fraction``: gamma, or k / d with
+k-subset masks); ``comm/dense_bytes_per_step`` = B d x element size; ``comm/compression`` = 1 / gamma'. Under DDP
+with clients also ``comm/rank_bytes_sent``: the expected volume of this rank's all_gather contributions, ring:
+(W-1) x (16 bytes of sizes + 8 per expected client of the rank + element size x the expected size of the union of
+its clients' masks), the expectation over a global draw of M ~ Poisson(B) participants of which the rank takes the
+positions rank, rank + W, ... (N, private under add/remove, is not used; padding to the longest chunk not
+counted); and ``comm/rank_dense_bytes`` (DP-SGD's ring all-reduce of d values: 2 (W-1)/W x d values). The
+realised counts of the last step stay in memory for measurement only (``_unpublished_last_step_comm``: never
+logged, returned or checkpointed).
 
 Refused before training, naming the value: ``keep_fraction`` outside (0, 1], client ids the data does not have,
-ghost clipping (no per-sample gradients to mask), ``secure_mode``, and with clients: manual optimization and
-``max_physical_batch_size``.
+client ids the train loader's dataset lists more than once (a client listed m times would be sampled up to m times
+a round: sensitivity m C, accounted as C), ghost clipping (no per-sample gradients to mask), ``secure_mode``, and
+with clients: manual optimization and ``max_physical_batch_size``.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,15 +103,58 @@ def _empty(batch: Any) -> Any:
     return batch
 
 
-class _Sparsifier:
-    """What the optimizer needs each step: participants, masks, aggregation, byte counts (set by the callback)."""
+@functools.lru_cache(maxsize=16)
+def expected_rank_chunk(expected_batch_size: float, world_size: int, rank: int, dim: int, keep: float
+                        ) -> tuple[float, float]:
+    """(E[clients of ``rank``], E[values it sends]) per step, from public constants only (never N: private).
 
-    def __init__(self, dp: SparsifiedGaussian, rank: int, world_size: int, sparse_exchange: bool) -> None:
+    The global draw has M participants, taken here as Poisson(B) (the law of a Poisson round of many candidates
+    with the public mean B); the rank keeps positions rank, rank + W, ... of it: m = max(0, ceil((M - rank) / W))
+    clients, whose independent masks (inclusion probability ``keep`` per coordinate) have a union of
+    d (1 - (1 - keep)^m) coordinates in expectation; ``keep >= 1``: no masks, the rank sends its d values even
+    without clients (what ``_exchange`` does).
+    """
+    b = float(expected_batch_size)
+    total = torch.arange(math.ceil(b + 12.0 * math.sqrt(b) + 30.0) + 1, dtype=torch.float64)
+    pmf = (torch.xlogy(total, torch.tensor(b, dtype=torch.float64)) - b - torch.lgamma(total + 1)).exp()
+    m = torch.div(total - rank + world_size - 1, world_size, rounding_mode="floor").clamp(min=0)
+    clients = float((pmf * m).sum())
+    if keep >= 1.0:
+        return clients, float(dim)
+    return clients, float(dim * (pmf * (1.0 - (1.0 - keep) ** m)).sum())
+
+
+class _Sparsifier:
+    """What the optimizer needs each step: participants, masks, aggregation, byte counts (set by the callback).
+
+    ``realised`` holds the last step's realised counts (participants, bytes packed): private (they reveal the
+    Poisson draw), never published; :meth:`public_stats` is what is logged and returned."""
+
+    def __init__(self, dp: SparsifiedGaussian, rank: int, world_size: int, sparse_exchange: bool, dim: int,
+                 elem: int) -> None:
         self.dp, self.rank, self.world_size, self.sparse_exchange = dp, rank, world_size, sparse_exchange
+        self.dim, self.elem = dim, elem  # public: the private parameters' count and element size
         self.keys: list[int] | None = None  # clients: the local client ids of this step (set by the client step)
         self.groups: torch.Tensor | None = None  # clients: participant index of every example
         self.consumed = 0  # examples: local examples of this step already clipped (virtual steps)
-        self.stats: dict[str, float] = {}
+        self.realised: dict[str, float] = {}  # UNPUBLISHED: the last step's realised counts
+
+    def public_stats(self) -> dict[str, float]:
+        """The comm numbers as public expectations: B, d, element size, gamma (and W, rank under DDP); never N."""
+        dp, dim, elem = self.dp, self.dim, self.elem
+        if dp.expected_batch_size is None or dim <= 0:
+            return {}
+        keep = effective_keep_fraction(dim, dp.keep_fraction, dp.mask)
+        dense = float(dp.expected_batch_size) * dim * elem
+        stats = {"comm/keep_fraction": dp.keep_fraction, "comm/bytes_per_step": dense * keep,
+                 "comm/dense_bytes_per_step": dense, "comm/compression": 1.0 / keep}
+        if self.sparse_exchange:
+            w = self.world_size
+            clients, values = expected_rank_chunk(float(dp.expected_batch_size), w, self.rank, dim,
+                                                  1.0 if dp.keep_fraction >= 1.0 else keep)
+            stats["comm/rank_bytes_sent"] = (w - 1) * (16.0 + 8.0 * clients + elem * values)
+            stats["comm/rank_dense_bytes"] = 2 * (w - 1) / w * dim * elem
+        return stats
 
     @property
     def active(self) -> bool:
@@ -127,7 +182,7 @@ class _Sparsifier:
         masks = self.masks(keys, dim)
         packed = updates.reshape(-1) if masks is None else pack(updates, masks)
         elem = updates.element_size()
-        stats = {"comm/keep_fraction": self.dp.keep_fraction, "participants": float(len(keys)),
+        stats = {"comm/keep_fraction": self.dp.keep_fraction, "participants": float(len(keys)),  # realised: private
                  "comm/bytes_per_step": float(packed.numel() * elem),
                  "comm/dense_bytes_per_step": float(len(keys) * dim * elem)}
         dense = updates if masks is None else unpack(packed, masks)
@@ -138,7 +193,7 @@ class _Sparsifier:
             total = dense.sum(0)
         if stats["comm/bytes_per_step"]:
             stats["comm/compression"] = stats["comm/dense_bytes_per_step"] / stats["comm/bytes_per_step"]
-        self.stats = stats
+        self.realised = stats  # never published (see public_stats)
         return total
 
     def _exchange(self, local: torch.Tensor, keys: list[int], masks: torch.Tensor | None, elem: int
@@ -172,7 +227,7 @@ class _Sparsifier:
                 raise RuntimeError(f"SparsifiedGaussian: rank {r}'s masks regenerated here differ from its own.")
             total = total + unpack(all_vals[r][: lengths[r]], rank_union)
         chunk = meta.numel() * meta.element_size() + key_buf.numel() * 8 + val_buf.numel() * elem
-        return total, {"comm/bytes_per_step": float(kept * elem),
+        return total, {"participants": float(sum(counts)), "comm/bytes_per_step": float(kept * elem),
                        "comm/dense_bytes_per_step": float(sum(counts) * dim * elem),
                        "comm/rank_bytes_sent": float((w - 1) * chunk),
                        "comm/rank_dense_bytes": float(2 * (w - 1) / w * dim * elem)}
@@ -188,13 +243,13 @@ class _SparsifyingOptimizer:
         sp = self.sparsifier
         if sp is None or not sp.active:
             super().clip_and_accumulate()  # type: ignore[misc]
-            if sp is not None:
+            if sp is not None:  # realised counts: private, never published (see _Sparsifier.public_stats)
                 n = len(self.grad_samples[0])  # type: ignore[attr-defined]
                 dim = sum(p.numel() for p in self.params)  # type: ignore[attr-defined]
                 elem = self.params[0].element_size()  # type: ignore[attr-defined]
-                sp.stats = {"comm/keep_fraction": 1.0, "participants": float(n),
-                            "comm/bytes_per_step": float(n * dim * elem), "comm/dense_bytes_per_step":
-                            float(n * dim * elem), "comm/compression": 1.0}
+                sp.realised = {"comm/keep_fraction": 1.0, "participants": float(n),
+                               "comm/bytes_per_step": float(n * dim * elem), "comm/dense_bytes_per_step":
+                               float(n * dim * elem), "comm/compression": 1.0}
             return
         params = self.params  # type: ignore[attr-defined]
         grads = []
@@ -283,6 +338,10 @@ class SparsifiedGaussian(DPSGD):
         allow_mechanism_change: bool = False,
         plot: bool = True,
         memoize_accounting: bool = False,
+        adjacency: str = "add_remove",
+        dataset_size: int | None = None,
+        secret_dir: str | None = None,
+        log_training_metrics: Sequence[str] = (),
     ) -> None:
         keep_fraction = check_keep_fraction(keep_fraction)
         if participants not in PARTICIPANTS:
@@ -302,9 +361,12 @@ class SparsifiedGaussian(DPSGD):
             max_physical_batch_size=max_physical_batch_size, fix_modules=fix_modules, stop_on_budget=stop_on_budget,
             secure_mode=False, seed=seed, private_optimizers=private_optimizers,
             allow_mechanism_change=allow_mechanism_change, plot=plot, memoize_accounting=memoize_accounting,
+            adjacency=adjacency, dataset_size=dataset_size, secret_dir=secret_dir,
+            log_training_metrics=log_training_metrics,
         )
         self.keep_fraction, self.participants, self.mask = keep_fraction, participants, mask
-        self.ledger = SparsifiedGaussianLedger(keep_fraction, mask, accountant, memoize=memoize_accounting)
+        self.ledger = SparsifiedGaussianLedger(keep_fraction, mask, accountant, memoize=memoize_accounting,
+                                               adjacency=adjacency)
         self._sparsifier: _Sparsifier | None = None
         self._client_source: Any = None
         self._first_client = 0
@@ -330,7 +392,9 @@ class SparsifiedGaussian(DPSGD):
             self._check_clients(trainer, pl_module)
         super().on_train_start(trainer, pl_module)
         sparse = self.participants == "clients" and trainer.world_size > 1
-        self._sparsifier = _Sparsifier(self, trainer.global_rank, trainer.world_size, sparse)
+        params = self.dp_optimizer.params  # type: ignore[union-attr]
+        self._sparsifier = _Sparsifier(self, trainer.global_rank, trainer.world_size, sparse,
+                                       sum(p.numel() for p in params), params[0].element_size() if params else 0)
         self.dp_optimizer.sparsifier = self._sparsifier  # type: ignore[union-attr]
         if self.participants == "clients":
             self.add_teardown(self._wrap_client_step(pl_module))
@@ -346,6 +410,13 @@ class SparsifiedGaussian(DPSGD):
                              " ids (e.g. plpriv.data.FederatedDigits).")
         loader = self.train_loader
         ids = [int(loader.dataset[i]) for i in range(len(loader.dataset))]  # type: ignore[union-attr]
+        repeated = sorted((i, m) for i, m in Counter(ids).items() if m > 1)
+        if repeated:
+            listed = ", ".join(f"{i} ({m} times)" for i, m in repeated[:10]) + (" ..." if len(repeated) > 10 else "")
+            raise ValueError("SparsifiedGaussian(participants='clients'): the train loader's dataset lists client ids"
+                             f" more than once: {listed}. A client listed m times is sampled up to m times a round"
+                             " and its update counted m times (sensitivity m x max_grad_norm, accounted as one). List"
+                             " every client id once (e.g. plpriv.data.ClientIds(num_clients)).")
         known = set(int(i) for i in source.client_ids()) if callable(getattr(source, "client_ids", None)) else None
         missing = [i for i in ids if (known is not None and i not in known)]
         if known is None:
@@ -370,6 +441,10 @@ class SparsifiedGaussian(DPSGD):
         def client_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
             ids = batch[0] if isinstance(batch, (list, tuple)) else batch
             ids = [int(i) for i in torch.as_tensor(ids).reshape(-1).tolist()]
+            if len(set(ids)) != len(ids):  # _check_clients refused repeated ids; the dataset changed since?
+                raise RuntimeError(f"SparsifiedGaussian(participants='clients'): a round sampled client ids"
+                                   f" {sorted(i for i, m in Counter(ids).items() if m > 1)} more than once; every"
+                                   " client id must be listed once in the train loader's dataset.")
             batches = [source.client_batch(i) for i in ids]
             sizes = [batch_size_of(b) for b in batches]
             data = _cat(batches) if batches else _empty(source.client_batch(first))
@@ -384,16 +459,22 @@ class SparsifiedGaussian(DPSGD):
     # ------------------------------------------------------------------ logging, records, state
     def log_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().log_step(trainer, pl_module)
-        if self._sparsifier is None:
-            return
-        stats = {k: v for k, v in self._sparsifier.stats.items() if k.startswith("comm/")}
+        stats = self.comm_stats  # public expectations only, never the step's realised counts
         if stats:
             pl_module.log_dict(stats, on_step=True, on_epoch=False, batch_size=1)
 
     @property
     def comm_stats(self) -> dict[str, float]:
-        """The last step's communication numbers (bytes the participants sent, dense bytes, compression, ...)."""
-        return dict(self._sparsifier.stats) if self._sparsifier is not None else {}
+        """The communication numbers per step as public expectations (expected bytes the participants send, dense
+        bytes, compression, ...; see the module docstring): the same for every run with the same public constants,
+        whatever the Poisson draws."""
+        return self._sparsifier.public_stats() if self._sparsifier is not None else {}
+
+    def _unpublished_last_step_comm(self) -> dict[str, float]:
+        """UNPUBLISHED, for measurement only (benchmarks, tests): the last step's *realised* counts (participants,
+        bytes actually packed). They reveal the Poisson draw (who took part), so they are not covered by the DP
+        guarantee: never log, print, store or publish them. Published numbers: :attr:`comm_stats`."""
+        return dict(self._sparsifier.realised) if self._sparsifier is not None else {}
 
     def get_epsilon_lower_bound(self, delta: float | None = None) -> float:
         """Epsilon of a 1-sparse input at every step (rate q gamma): the paper-style number, never above the truth."""
@@ -403,10 +484,11 @@ class SparsifiedGaussian(DPSGD):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if self.dp_optimizer is not None and self.history and self._sparsifier is not None:
-            stats = self._sparsifier.stats
-            rank_zero_info(f"SparsifiedGaussian: keep_fraction={self.keep_fraction:g}: last step sent"
-                           f" {stats.get('comm/bytes_per_step', 0):.0f} bytes instead of"
-                           f" {stats.get('comm/dense_bytes_per_step', 0):.0f} dense.")
+            stats = self.comm_stats  # public expectations (the realised counts are private)
+            rank_zero_info(f"SparsifiedGaussian: keep_fraction={self.keep_fraction:g}: the participants of a step send"
+                           f" {stats.get('comm/bytes_per_step', 0):.0f} bytes in expectation instead of"
+                           f" {stats.get('comm/dense_bytes_per_step', 0):.0f} dense"
+                           f" (expected participants B={self.expected_batch_size:g}).")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "keep_fraction": self.keep_fraction, "participants": self.participants,

@@ -16,7 +16,11 @@ class EpochSeededRandomSampler(RandomSampler):
     Lightning calls ``set_epoch`` at every epoch start, so a run resumed from a checkpoint at an epoch boundary sees
     exactly the batches an uninterrupted run would. It stays a ``RandomSampler``, so under DDP Lightning still
     recognises the loader as shuffled and swaps in its ``DistributedSampler`` (which is seeded per epoch as well).
+    It yields a permutation of the whole data source: DP-SGD may replace it by Poisson sampling over all examples
+    (``poisson_support``, declared by this exact class; a subclass must declare it again).
     """
+
+    poisson_support = "all"
 
     def __init__(self, data_source: Sequence[Any], seed: int = 0) -> None:
         super().__init__(data_source)

@@ -19,7 +19,10 @@ PARTITIONS = ("iid", "label_skew")
 
 
 class ClientIds(Dataset):
-    """The ids 0..N-1 as 0-d int64 tensors (collated: a 1-d tensor of the round's client ids)."""
+    """The ids 0..N-1, each once, as 0-d int64 tensors (collated: a 1-d tensor of the round's client ids).
+
+    A client must be listed once: listed m times it would be Poisson-sampled up to m times a round (sensitivity
+    m C); :class:`plpriv.callbacks.SparsifiedGaussian` refuses such a dataset."""
 
     def __init__(self, num_clients: int) -> None:
         self.num_clients = int(num_clients)

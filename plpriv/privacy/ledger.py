@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from plpriv.privacy.adjacency import ADJACENCIES, replace_one_epsilon
 from plpriv.privacy.accounting import (
     ACCOUNTANTS,
     History,
@@ -56,14 +57,19 @@ class EpsilonLedger:
     Args:
         accountant: opacus accountant, ``"prv"``, ``"rdp"`` or ``"gdp"``.
         memoize: share results of identical accounting questions across ledgers of this process.
+        adjacency: ``"add_remove"`` (the accountants' relation) or ``"replace_one"`` (group privacy of two
+            add/remove steps, :func:`plpriv.privacy.adjacency.replace_one_epsilon`).
     """
 
     title = "DP-SGD epsilon"
 
-    def __init__(self, accountant: str = "prv", *, memoize: bool = False) -> None:
+    def __init__(self, accountant: str = "prv", *, memoize: bool = False, adjacency: str = "add_remove") -> None:
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"`accountant` must be one of {ACCOUNTANTS}, got {accountant!r}.")
+        if adjacency not in ADJACENCIES:
+            raise ValueError(f"`adjacency` must be one of {ADJACENCIES}, got {adjacency!r}.")
         self.accountant = accountant
+        self.adjacency = adjacency
         self.memoize = bool(memoize)
         self.history: History = []
         self.curve: list[tuple[int, float]] = []  # (steps, epsilon) at the run's delta, for the figure
@@ -85,6 +91,12 @@ class EpsilonLedger:
     def mechanism_key(self) -> tuple:
         """What the cached results depend on besides the question: the accountant (subclasses add their mechanism)."""
         return (self.accountant,)
+
+    def adjacent_epsilon(self, history: History, delta: float) -> float:
+        """Epsilon of ``history`` at ``delta`` under the ledger's adjacency (uncached)."""
+        if self.adjacency == "add_remove":
+            return self.compute_epsilon(history, delta)
+        return replace_one_epsilon(lambda d: self.compute_epsilon(history, d), delta)
 
     def compute_epsilon(self, history: History, delta: float) -> float:
         """Epsilon of ``history`` at ``delta`` (uncached): the Poisson-subsampled Gaussian by opacus' accountant."""
@@ -113,11 +125,11 @@ class EpsilonLedger:
 
     def _epsilon(self, history: History, delta: float, mechanism: str | None = None) -> float:
         # `mechanism` (max_steps_within_budget's argument) is always this ledger's accountant
-        key = ("epsilon", *self.mechanism_key, tuple(history), float(delta))
+        key = ("epsilon", *self.mechanism_key, self.adjacency, tuple(history), float(delta))
         future = self._pending.pop(key, None)
         if future is not None and key not in self._cache:
             self._cache[key] = future.result()
-        return self._memo(key, lambda: self.compute_epsilon(list(history), delta))
+        return self._memo(key, lambda: self.adjacent_epsilon(list(history), delta))
 
     def epsilon_at(self, steps: int, delta: float) -> float:
         """Epsilon after the first ``steps`` steps at ``delta``."""
@@ -132,8 +144,27 @@ class EpsilonLedger:
 
     def calibrate(self, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
         """Smallest noise multiplier whose ``steps`` steps at ``sample_rate`` spend at most ``target_epsilon``."""
-        key = ("calibrate", *self.mechanism_key, float(target_epsilon), float(delta), float(sample_rate), int(steps))
-        return self._memo(key, lambda: self.compute_calibration(target_epsilon, delta, sample_rate, steps))
+        key = ("calibrate", *self.mechanism_key, self.adjacency, float(target_epsilon), float(delta),
+               float(sample_rate), int(steps))
+        if self.adjacency == "add_remove":
+            return self._memo(key, lambda: self.compute_calibration(target_epsilon, delta, sample_rate, steps))
+        return self._memo(key, lambda: self._calibrate_replace_one(target_epsilon, delta, sample_rate, steps))
+
+    def _calibrate_replace_one(self, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                               tolerance: float = 0.01) -> float:
+        """Bisection on sigma of the replace-one epsilon (it falls as sigma grows), to ``tolerance`` in epsilon."""
+        def eps(sigma: float) -> float:
+            return self.adjacent_epsilon([(sigma, sample_rate, steps)], delta)
+
+        lo, hi = 0.0, 1.0
+        while eps(hi) > target_epsilon:
+            lo, hi = hi, 2 * hi
+            if hi > 1e4:
+                raise ValueError(f"no noise multiplier up to {hi:g} reaches epsilon={target_epsilon}.")
+        while hi - lo > 1e-3 * hi and eps(hi) < target_epsilon - tolerance:
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
+        return hi
 
     def steps_within_budget(self, target_epsilon: float, delta: float, noise_multiplier: float,
                             sample_rate: float, horizon: int | None = None) -> int:
@@ -157,14 +188,14 @@ class EpsilonLedger:
         if ahead <= 0:
             return
         history = extend_history(self.history, noise_multiplier, sample_rate, ahead)
-        key = ("epsilon", *self.mechanism_key, tuple(history), float(delta))
+        key = ("epsilon", *self.mechanism_key, self.adjacency, tuple(history), float(delta))
         if key in self._cache or key in self._pending:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plpriv-epsilon")
         while len(self._pending) >= _MAX_PENDING:  # predictions that were never used
             self._pending.pop(next(iter(self._pending))).cancel()
-        self._pending[key] = self._pool.submit(self.compute_epsilon, history, float(delta))
+        self._pending[key] = self._pool.submit(self.adjacent_epsilon, history, float(delta))
 
     def close(self) -> None:
         """Stop the background thread (pending predictions are dropped)."""
@@ -195,15 +226,17 @@ class EpsilonLedger:
         if target_epsilon is not None:
             ax.axhline(target_epsilon, color="tab:red", ls="--", lw=1, label=f"target {target_epsilon:g}")
             ax.legend()
-        ax.set(xlabel="step", ylabel="epsilon", title=f"{self.title} ({self.accountant}, delta={delta:.2g})")
+        ax.set(xlabel="step", ylabel="epsilon", title=f"{self.title} ({self.accountant}, {self.adjacency}, delta={delta:.2g})")
         fig.tight_layout()
         return fig
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "mechanism": self.accountant, "curve": list(self.curve)}
+        return {"history": list(self.history), "mechanism": self.accountant, "curve": list(self.curve),
+                "adjacency": self.adjacency}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [(float(s), float(q), int(k)) for s, q, k in state["history"] if int(k) > 0]
-        same = state.get("mechanism", self.accountant) == self.accountant
+        same = (state.get("mechanism", self.accountant) == self.accountant
+                and state.get("adjacency", "add_remove") == self.adjacency)
         self.curve = [(int(k), float(e)) for k, e in state.get("curve", [])] if same else []
         self._cache = {}

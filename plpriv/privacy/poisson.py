@@ -61,10 +61,14 @@ def sampler_support(loader: DataLoader) -> list[int] | None:
         )
     sampler = batch_sampler.sampler
     n = len(loader.dataset)  # type: ignore[arg-type]
-    if isinstance(sampler, SubsetRandomSampler):
+    # exact types only: a subclass may restrict or reweight the indices it yields (its __iter__ is not the base's);
+    # a sampler class of the user's may declare `poisson_support = "all"` in its own body (not inherited)
+    if vars(type(sampler)).get("poisson_support") == "all":
+        return None
+    if type(sampler) is SubsetRandomSampler:
         return [int(i) for i in sampler.indices]
-    if isinstance(sampler, SequentialSampler) or (
-        isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n
+    if type(sampler) is SequentialSampler or (
+        type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == n
     ):
         return None
     hint = (
@@ -74,6 +78,11 @@ def sampler_support(loader: DataLoader) -> list[int] | None:
         " Use a SequentialSampler, RandomSampler (no replacement) or SubsetRandomSampler, or wrap the dataset in"
         " torch.utils.data.Subset to restrict the examples."
     )
+    if isinstance(sampler, (SubsetRandomSampler, SequentialSampler, RandomSampler)):
+        hint = (f" {type(sampler).__name__} subclasses {type(sampler).__mro__[1].__name__}, but DPSGD cannot tell which"
+                " examples its own sampling yields. Restrict the examples with torch.utils.data.Subset or a plain"
+                " SubsetRandomSampler instead, or declare `poisson_support = \"all\"` in its class body if it yields every"
+                " example of the data set.")
     raise ValueError(
         f"DPSGD(poisson_sampling=True) would replace the train loader's sampler {type(sampler).__name__} by Poisson"
         f" sampling over the data set and train on examples the sampler excludes.{hint}"
@@ -212,9 +221,11 @@ class PoissonDataLoader:
         world_size: int = 1,
         generator: torch.Generator | None = None,
         sample_rate: float | None = None,
+        num_batches: int | None = None,
     ) -> PoissonDataLoader:
         """Poisson version of ``loader`` over the examples its sampler can yield (:func:`sampler_support`), with
-        ``len(loader)`` steps per epoch; dataset, collate, workers and pinning are kept.
+        ``num_batches`` (default ``len(loader)``, which depends on N) steps per epoch; dataset, collate, workers and
+        pinning are kept.
 
         The expected batch size is the loader's ``batch_size`` B, a public constant (the noise divisor), and
         q = B / N unless ``sample_rate`` is given. (opacus' q = 1/len(loader) makes q N, and so the update's scale,
@@ -229,7 +240,7 @@ class PoissonDataLoader:
         loader_ = cls(
             dataset,
             sample_rate=rate,
-            num_batches=len(loader),
+            num_batches=len(loader) if num_batches is None else int(num_batches),
             seed=seed,
             rank=rank,
             world_size=world_size,

@@ -425,8 +425,8 @@ class SparsifiedGaussianLedger(EpsilonLedger):
     title = "sparsified Gaussian epsilon"
 
     def __init__(self, keep_fraction: float, mask: str = "bernoulli", accountant: str = "prv", *,
-                 memoize: bool = False) -> None:
-        super().__init__(accountant, memoize=memoize)
+                 memoize: bool = False, adjacency: str = "add_remove") -> None:
+        super().__init__(accountant, memoize=memoize, adjacency=adjacency)
         self.keep_fraction = check_keep_fraction(keep_fraction)
         self.mask = _check_mask(mask)
 

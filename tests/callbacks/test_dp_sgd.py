@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from plpriv.callbacks import DPSGD
+from plpriv.privacy import read_secret
 
 
 def make_trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> Trainer:
@@ -84,7 +85,7 @@ def test_update_equals_clipped_micro_batch_loop(tmp_path: Path, mode: str, norm:
     model = ToyClassifier(norm=norm, lr=1.0, per_sample=mode == "ghost").double()
     before = copy.deepcopy(model)
     recorder = BatchRecorder()
-    dp = DPSGD(max_grad_norm=clip, noise_multiplier=0.0, grad_sample_mode=mode, seed=1, accountant="rdp",
+    dp = DPSGD(dataset_size=48, max_grad_norm=clip, noise_multiplier=0.0, grad_sample_mode=mode, seed=1, accountant="rdp",
                target_delta=1e-5)
     make_trainer(tmp_path, [dp, recorder], max_steps=1, precision="64-true").fit(model, ToyData(n=48, batch_size=8))
     x, y = recorder.batches[0]
@@ -111,7 +112,7 @@ def test_sigma_zero_huge_clip_equals_plain_sgd(tmp_path: Path) -> None:
 
     plain, private = ToyClassifier(lr=0.3), ToyClassifier(lr=0.3)
     make_trainer(tmp_path, [], max_steps=9).fit(plain, FixedData())
-    dp = DPSGD(max_grad_norm=1e9, noise_multiplier=0.0, poisson_sampling=False, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1e9, noise_multiplier=0.0, poisson_sampling=False, accountant="rdp", target_delta=1e-5)
     with pytest.warns(UserWarning, match="Poisson"):
         make_trainer(tmp_path, [dp], max_steps=9).fit(private, FixedData())
     for a, b in zip(plain.parameters(), private.parameters()):
@@ -123,7 +124,7 @@ def test_noise_has_std_sigma_c_over_expected_batch_and_survives_the_closure(tmp_
     sigma, clip, n, batch = 2.0, 0.5, 48, 8
     model = ZeroGradModel()
     before = [p.detach().clone() for p in model.parameters()]
-    dp = DPSGD(max_grad_norm=clip, noise_multiplier=sigma, seed=3, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=clip, noise_multiplier=sigma, seed=3, accountant="rdp", target_delta=1e-5)
     make_trainer(tmp_path, [dp], max_steps=2).fit(model, ToyData(n=n, batch_size=batch))
     assert model.calls == 2  # Lightning's closure ran once per step
     delta = torch.cat([(p0 - p1).detach().flatten() for p0, p1 in zip(before, model.parameters())])
@@ -137,7 +138,7 @@ def test_noise_has_std_sigma_c_over_expected_batch_and_survives_the_closure(tmp_
 
 # --------------------------------------------------------------------------- accounting
 def test_reported_epsilon_equals_dp_accounting_pld(tmp_path: Path) -> None:
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
     make_trainer(tmp_path, [dp], max_steps=7).fit(ToyClassifier(), ToyData(n=48, batch_size=8))
     assert dp.steps == 7 and dp.sample_rate == pytest.approx(1 / 6)
     reference = pld_epsilon(1 / 6, 1.0, 7, 1e-5)
@@ -147,7 +148,7 @@ def test_reported_epsilon_equals_dp_accounting_pld(tmp_path: Path) -> None:
 
 def test_epsilon_of_a_long_history_equals_pld_reference() -> None:
     """The MNIST setting of the facts file (q = 256/60000, sigma = 1.1, 14062 steps): PLD epsilon 2.38."""
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.1, target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.1, target_delta=1e-5)
     dp.load_state_dict({"accountant": {"history": [(1.1, 256 / 60000, 14062)], "mechanism": "prv"}})
     reference = pld_epsilon(256 / 60000, 1.1, 14062, 1e-5)
     assert reference == pytest.approx(2.38, abs=0.02)
@@ -155,7 +156,7 @@ def test_epsilon_of_a_long_history_equals_pld_reference() -> None:
 
 
 def test_noise_calibrated_from_target_epsilon(tmp_path: Path) -> None:
-    dp = DPSGD(max_grad_norm=1.0, target_epsilon=2.0, target_delta=1e-5, seed=0)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, target_epsilon=2.0, target_delta=1e-5, seed=0)
     make_trainer(tmp_path, [dp], max_steps=10).fit(ToyClassifier(), ToyData(n=48, batch_size=8))
     sigma = dp.effective_noise_multiplier
     assert dp.steps == 10
@@ -165,7 +166,7 @@ def test_noise_calibrated_from_target_epsilon(tmp_path: Path) -> None:
 
 
 def test_default_delta_is_one_over_n_to_the_1_1(tmp_path: Path) -> None:
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp")
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp")
     make_trainer(tmp_path, [dp], max_steps=1).fit(ToyClassifier(), ToyData(n=48, batch_size=8))
     assert dp.delta == pytest.approx(48**-1.1)
 
@@ -173,12 +174,24 @@ def test_default_delta_is_one_over_n_to_the_1_1(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- resume and budget
 @pytest.mark.parametrize(("source", "seed"), [("datamodule", 11), ("loader", None)])
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, source: str, seed: int | None) -> None:
-    """Stopped at step 4 (mid-epoch: 6 batches per epoch) and resumed; with seed=None the drawn seed is restored."""
+    """Stopped at step 4 (mid-epoch: 6 batches per epoch) and resumed; with seed=None the drawn seed is restored from
+    the private secret_dir outside the run folder, and deleted when training ends."""
+    secrets = tmp_path.parent / f"{tmp_path.name}-secrets"  # outside every artefact folder of the run
 
-    def run(max_steps: int, ckpt: str | None, checkpoint_every: int | None) -> tuple[ToyClassifier, DPSGD, Trainer]:
+    class Kill(Callback):
+        def __init__(self, step: int) -> None:
+            self.step = step
+
+        def on_train_batch_start(self, trainer: Trainer, *args: object) -> None:
+            if trainer.global_step == self.step:
+                raise RuntimeError("killed")
+
+    def run(max_steps: int, ckpt: str | None, checkpoint_every: int | None, crash_at: int | None = None,
+            fixed_seed: int | None = None) -> tuple[ToyClassifier, DPSGD, Trainer]:
         model = ToyClassifier()
-        dp = DPSGD(max_grad_norm=0.5, noise_multiplier=1.0, seed=seed, target_delta=1e-5, accountant="rdp")
-        callbacks: list[Callback] = [dp]
+        dp = DPSGD(dataset_size=48, max_grad_norm=0.5, noise_multiplier=1.0, seed=fixed_seed or seed, target_delta=1e-5,
+                   accountant="rdp", secret_dir=None if seed is not None else str(secrets))
+        callbacks: list[Callback] = [dp] + ([Kill(crash_at)] if crash_at else [])
         if checkpoint_every:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1,
                                              every_n_train_steps=checkpoint_every))
@@ -190,7 +203,17 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, source: str, seed:
             trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt)
         return model, dp, trainer
 
-    full, dp_full, _ = run(10, None, checkpoint_every=4)
+    if seed is None:
+        done, dp_done, _ = run(10, None, checkpoint_every=None)
+        assert list(secrets.iterdir()) == []  # a fit that ended deletes its secret ...
+        assert not any("secret" in p.name for p in tmp_path.rglob("*"))  # ... and never wrote it into the run
+        with pytest.raises(RuntimeError, match="killed"):  # an interrupted run (exception) keeps it for resume
+            _, dp_killed, _ = run(10, None, checkpoint_every=4, crash_at=4)
+        (kept,) = secrets.iterdir()
+        drawn = read_secret(secrets, kept.name.removeprefix("dpsgd-secret-").removesuffix(".json"))
+        full, dp_full, _ = run(10, None, checkpoint_every=None, fixed_seed=drawn)  # the uninterrupted twin
+    else:
+        full, dp_full, _ = run(10, None, checkpoint_every=4)
     resumed, dp_res, trainer = run(10, str(tmp_path / "ckpt" / "step=4.ckpt"), checkpoint_every=None)
     assert trainer.global_step == 10 and dp_res.steps == dp_full.steps == 10
     assert dp_res.history == dp_full.history
@@ -203,7 +226,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, source: str, seed:
 def test_budget_stop_before_exceeding_and_spent_run_refuses(tmp_path: Path) -> None:
     sigma, q, delta = 1.2, 1 / 6, 1e-5
     target = (pld_epsilon(q, sigma, 5, delta) + pld_epsilon(q, sigma, 6, delta)) / 2  # between 5 and 6 steps
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=sigma, target_epsilon=target, target_delta=delta, seed=0)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=sigma, target_epsilon=target, target_delta=delta, seed=0)
     model = ToyClassifier()
     trainer = make_trainer(tmp_path, [dp], max_steps=30)
     with pytest.warns(UserWarning, match="stopping after step 5"):
@@ -212,7 +235,7 @@ def test_budget_stop_before_exceeding_and_spent_run_refuses(tmp_path: Path) -> N
     assert dp.get_epsilon() <= target
     assert Path(dp.budget_checkpoint_path).is_file()
     # resuming the spent run refuses to take another step
-    again = DPSGD(max_grad_norm=1.0, noise_multiplier=sigma, target_epsilon=target, target_delta=delta, seed=0)
+    again = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=sigma, target_epsilon=target, target_delta=delta, seed=0)
     with pytest.raises(RuntimeError, match="spent"):
         make_trainer(tmp_path, [again], max_steps=30).fit(
             ToyClassifier(), ToyData(n=48, batch_size=8), ckpt_path=dp.budget_checkpoint_path
@@ -225,7 +248,7 @@ def test_virtual_steps_equal_the_unsplit_step(tmp_path: Path, mode: str) -> None
     runs = {}
     for max_physical in (None, 3):
         model = ToyClassifier(lr=0.5, per_sample=mode == "ghost").double()
-        dp = DPSGD(max_grad_norm=0.3, noise_multiplier=0.7, seed=5, max_physical_batch_size=max_physical,
+        dp = DPSGD(dataset_size=48, max_grad_norm=0.3, noise_multiplier=0.7, seed=5, max_physical_batch_size=max_physical,
                    accountant="rdp", target_delta=1e-5, grad_sample_mode=mode)
         make_trainer(tmp_path, [dp], max_steps=6, precision="64-true").fit(model, ToyData(n=48, batch_size=8))
         runs[max_physical] = (model, dp)
@@ -239,7 +262,7 @@ def test_virtual_steps_equal_the_unsplit_step(tmp_path: Path, mode: str) -> None
 
 def test_empty_poisson_batches_are_steps(tmp_path: Path) -> None:
     model = ToyClassifier()
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=2, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=2, accountant="rdp", target_delta=1e-5)
     make_trainer(tmp_path, [dp], max_steps=24).fit(model, ToyData(n=48, batch_size=1))  # q N = 1
     assert 0 in model.seen_batch_sizes  # P(empty) = (47/48)^48 ~ 0.36 per step
     assert dp.steps == 24  # empty batches were steps, and accounted
@@ -248,7 +271,7 @@ def test_empty_poisson_batches_are_steps(tmp_path: Path) -> None:
 
 def test_manual_optimization_with_a_named_private_optimizer(tmp_path: Path) -> None:
     model = ToyGAN()
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, private_optimizers=1, accountant="rdp",
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, private_optimizers=1, accountant="rdp",
                target_delta=1e-5)
     trainer = make_trainer(tmp_path, [dp], max_steps=8)
     seen: list[list[str]] = []
@@ -262,7 +285,7 @@ def test_manual_optimization_with_a_named_private_optimizer(tmp_path: Path) -> N
     assert seen[0] == ["SGD", "DPOptimizer"]
     assert dp.steps == 4 and trainer.global_step == 8  # Lightning counts both optimizers' steps
     with pytest.raises(ValueError, match="private_optimizers"):
-        make_trainer(tmp_path, [DPSGD(max_grad_norm=1.0, noise_multiplier=1.0)], max_steps=1).fit(
+        make_trainer(tmp_path, [DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0)], max_steps=1).fit(
             ToyGAN(), ToyData()
         )
 
@@ -270,7 +293,7 @@ def test_manual_optimization_with_a_named_private_optimizer(tmp_path: Path) -> N
 def test_module_and_checkpoint_unchanged_by_the_callback(tmp_path: Path) -> None:
     model = ToyClassifier()
     keys = list(model.state_dict())
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
     trainer = make_trainer(tmp_path, [dp], max_steps=3)
     trainer.fit(model, ToyData())
     assert type(model) is ToyClassifier and list(model.state_dict()) == keys
@@ -286,11 +309,11 @@ def test_epsilon_curve_lands_in_the_log_dir(tmp_path: Path, monkeypatch: pytest.
     from lightning.pytorch.loggers import CSVLogger
 
     monkeypatch.chdir(tmp_path)
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
     logger = CSVLogger(tmp_path / "logs", name="run")
     make_trainer(tmp_path, [dp], max_steps=3, logger=logger).fit(ToyClassifier(), ToyData())
     assert [p.parent for p in tmp_path.rglob("dp_epsilon.png")] == [Path(logger.log_dir)]
-    quiet = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5, plot=False)
+    quiet = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5, plot=False)
     make_trainer(tmp_path, [quiet], max_steps=3, logger=CSVLogger(tmp_path / "logs", name="quiet")).fit(
         ToyClassifier(), ToyData())
     assert len(list(tmp_path.rglob("dp_epsilon.png"))) == 1
@@ -300,9 +323,9 @@ def test_epsilon_curve_lands_in_the_log_dir(tmp_path: Path, monkeypatch: pytest.
 def test_batchnorm_error_names_the_path_and_fix_modules_swaps_it(tmp_path: Path) -> None:
     model = ToyClassifier(norm="batch")
     with pytest.raises(ValueError, match=r"`net\.1` \(BatchNorm1d\).*fix_modules=True"):
-        make_trainer(tmp_path, [DPSGD(max_grad_norm=1.0, noise_multiplier=1.0)], max_steps=1).fit(model, ToyData())
+        make_trainer(tmp_path, [DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0)], max_steps=1).fit(model, ToyData())
     model = ToyClassifier(norm="batch")
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, fix_modules=True, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, fix_modules=True, accountant="rdp", target_delta=1e-5)
     make_trainer(tmp_path, [dp], max_steps=2).fit(model, ToyData())
     assert isinstance(model.net[1], nn.GroupNorm) and dp.steps == 2
 
@@ -336,7 +359,7 @@ def test_bad_setups_fail_before_training(tmp_path: Path, model: type, trainer_kw
                                          match: str) -> None:
     instance = model()
     before = [p.detach().clone() for p in instance.parameters()]
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, accountant="rdp", target_delta=1e-5, **dp_kwargs)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, accountant="rdp", target_delta=1e-5, **dp_kwargs)
     with pytest.raises(ValueError, match=match):
         make_trainer(tmp_path, [dp], max_steps=2, **trainer_kwargs).fit(instance, ToyData())
     assert all(torch.equal(a, b) for a, b in zip(before, instance.parameters()))
@@ -370,9 +393,9 @@ def test_secure_mode_needs_torchcsprng() -> None:
         import torchcsprng  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="torchcsprng"):
-            DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, secure_mode=True)
+            DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, secure_mode=True)
     else:  # pragma: no cover - not installed here
-        assert DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, secure_mode=True).secure_mode
+        assert DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, secure_mode=True).secure_mode
 
 
 def test_optimizer_is_replaced_by_opacus_dp_optimizer(tmp_path: Path) -> None:
@@ -382,6 +405,6 @@ def test_optimizer_is_replaced_by_opacus_dp_optimizer(tmp_path: Path) -> None:
         def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
             seen.append(trainer.optimizers[0])
 
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, accountant="rdp", target_delta=1e-5)
     make_trainer(tmp_path, [dp, Spy()], max_steps=1).fit(ToyClassifier(), ToyData())
     assert isinstance(seen[0], DPOptimizer) and seen[0].expected_batch_size == pytest.approx(8.0)

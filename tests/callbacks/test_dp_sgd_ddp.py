@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     from plpriv.callbacks import DPSGD
 
     out, devices, physical, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    dp = DPSGD(max_grad_norm=0.5, noise_multiplier=1.0, seed=4, target_delta=1e-5, accountant="rdp",
+    dp = DPSGD(dataset_size=48, max_grad_norm=0.5, noise_multiplier=1.0, seed=4, target_delta=1e-5, accountant="rdp",
                max_physical_batch_size=None if physical == "none" else int(physical), grad_sample_mode=mode)
     model = ToyClassifier(lr=0.5, norm="group", per_sample=mode == "ghost").double()
     trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=9,

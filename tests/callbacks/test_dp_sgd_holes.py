@@ -5,8 +5,6 @@ indices a user's sampler can yield, the noise scale sigma C / B."""
 from __future__ import annotations
 
 import math
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +16,13 @@ from _dp_toy import ToyClassifier, ToyData, ZeroGradModel, toy_tensors
 from dp_accounting import pld
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 from plpriv.callbacks import DPSGD
-from plpriv.privacy import read_secret
-from plpriv.utils.seeding import derive_seed
+from plpriv.utils.seeding import derive_seed, fresh_seed
 
 
 def _trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> Trainer:
@@ -44,37 +42,62 @@ def _pld(*parts: tuple[float, float, int], delta: float = 1e-5) -> float:
 
 
 # --------------------------------------------------------------------------- 1. the checkpoint holds no secret
-def test_checkpoints_hold_no_seed_and_resume_needs_the_secret_file(tmp_path: Path) -> None:
-    def run(max_steps: int, ckpt: str | None) -> tuple[ToyClassifier, DPSGD]:
-        model, dp = ToyClassifier(), DPSGD(max_grad_norm=0.5, noise_multiplier=1.0, target_epsilon=50.0,
-                                           target_delta=1e-5, accountant="rdp")
+def _record_fresh_seeds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Spy on the OS-entropy draw of DPSGD's secret seed (the test's only way to know it)."""
+    import plpriv.callbacks._dp_setup as setup
+
+    drawn: list[int] = []
+
+    def spy() -> int:
+        drawn.append(fresh_seed())
+        return drawn[-1]
+
+    monkeypatch.setattr(setup, "fresh_seed", spy)
+    return drawn
+
+
+def _assert_no_file_holds(folder: Path, seed: int) -> None:
+    """No file under ``folder`` (checkpoints, logs, plots, anything) holds the seed or a seed derived from it."""
+    derived = [seed, derive_seed(seed, "sample")] + [derive_seed(seed, "noise", t) for t in range(10)]
+    encodings = [enc for v in derived for enc in (str(v).encode(), v.to_bytes(16, "little"),
+                                                  (v % 2**64).to_bytes(8, "little"))]
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert files and not [p.name for p in files if "secret" in p.name]
+    for path in files:
+        data = path.read_bytes()
+        assert not any(enc in data for enc in encodings), path
+
+
+def test_no_artefact_holds_the_secret_and_resume_draws_fresh_noise(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review's attack: copy the run folder, replay with the seed. The default keeps the seed nowhere; a resumed
+    run draws fresh entropy and ends with the uninterrupted run's history and epsilon (not its weights)."""
+    drawn = _record_fresh_seeds(monkeypatch)
+
+    def run(max_steps: int, ckpt: str | None, **kwargs: Any) -> tuple[ToyClassifier, DPSGD]:
+        model, dp = ToyClassifier(), DPSGD(dataset_size=48, max_grad_norm=0.5, noise_multiplier=1.0,
+                                           target_epsilon=50.0, target_delta=1e-5, accountant="rdp", **kwargs)
         saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1, every_n_train_steps=4)
-        trainer = _trainer(tmp_path, [dp, saver], max_steps=max_steps, enable_checkpointing=True)
+        logger = CSVLogger(tmp_path, name="logs")
+        trainer = _trainer(tmp_path, [dp, saver], max_steps=max_steps, enable_checkpointing=True, logger=logger,
+                           log_every_n_steps=1)
         trainer.fit(model, ToyData(n=48, batch_size=8), ckpt_path=ckpt)
         return model, dp
 
     full, dp_full = run(8, None)
-    secret = tmp_path / "ckpt" / f"dpsgd-secret-{dp_full.run_id}.json"
-    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
-    seed = read_secret(tmp_path / "ckpt", dp_full.run_id)
-    assert seed is not None and seed.bit_length() > 64  # 128 bits of OS entropy (a 64-bit draw: 2^-64 to fail)
-    derived = [seed, derive_seed(seed, "sample")] + [derive_seed(seed, "noise", t) for t in range(10)]
-    data = (tmp_path / "ckpt" / "step=4.ckpt").read_bytes()
-    for value in derived:
-        for encoding in (str(value).encode(), value.to_bytes(16, "little"), (value % 2**64).to_bytes(8, "little")):
-            assert encoding not in data
+    _assert_no_file_holds(tmp_path, drawn[0])
     state = torch.load(tmp_path / "ckpt" / "step=4.ckpt", weights_only=False)
-    tensors = [v for v in state["callbacks"]["DPSGD"].values() if isinstance(v, torch.Tensor)]
-    assert tensors == []  # no generator state
+    assert [v for v in state["callbacks"]["DPSGD"].values() if isinstance(v, torch.Tensor)] == []  # no generator
     assert state["plpriv_privacy"]["trained_privately"] and state["plpriv_privacy"]["steps"] == 4
+    assert state["plpriv_privacy"]["adjacency"] == "add_remove"
 
-    resumed, dp_res = run(8, str(tmp_path / "ckpt" / "step=4.ckpt"))  # with the secret file: exact
-    assert all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))
-    secret.unlink()
-    with pytest.warns(UserWarning, match="no secret file"):
-        fresh, dp_fresh = run(8, str(tmp_path / "ckpt" / "step=4.ckpt"))
+    fresh, dp_fresh = run(8, str(tmp_path / "ckpt" / "step=4.ckpt"))
+    assert len(drawn) == 2 and drawn[0] != drawn[1]  # fresh entropy on resume
     assert dp_fresh.history == dp_full.history and dp_fresh.get_epsilon() == dp_full.get_epsilon()
     assert not all(torch.equal(a, b) for a, b in zip(full.parameters(), fresh.parameters()))  # fresh noise
+    for inside in (tmp_path / "ckpt", tmp_path / "logs", tmp_path):
+        with pytest.raises(ValueError, match="inside the run's artefact folder"):
+            run(8, None, secret_dir=str(inside / "secrets"))
 
 
 # --------------------------------------------------------------------------- 2. the rate follows reloads
@@ -98,7 +121,7 @@ def test_reloaded_loader_with_another_batch_size_is_accounted_per_step(tmp_path:
         def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
             divisors.append(trainer.optimizers[0].expected_batch_size)
 
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, seed=0)
     _trainer(tmp_path, [dp, Spy()], max_epochs=2, reload_dataloaders_every_n_epochs=1).fit(
         ToyClassifier(), _GrowingBatches())
     assert dp.history == [(1.0, 8 / 48, 6), (1.0, 16 / 48, 3)]
@@ -123,7 +146,7 @@ class _TwoSteps(ToyClassifier):
 def test_second_private_step_on_one_batch_is_refused(tmp_path: Path) -> None:
     model = _TwoSteps()
     before = [p.detach().clone() for p in model.parameters()]
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
     with pytest.raises(ValueError, match="stepped twice on one batch"):
         _trainer(tmp_path, [dp], max_steps=4).fit(model, ToyData())
     assert dp.steps == 1  # the first release was accounted, the second never happened
@@ -147,10 +170,10 @@ class _PublicBatchToo(ToyClassifier):
 
 
 def test_forward_pass_on_another_batch_size_is_refused(tmp_path: Path) -> None:
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
     with pytest.raises(ValueError, match=r"`net\.0` ran a forward pass on a batch of \[5\] rows"):
         _trainer(tmp_path, [dp], max_steps=3).fit(_PublicBatchToo(no_grad=False), ToyData(n=48, batch_size=12))
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
     _trainer(tmp_path, [dp], max_steps=3).fit(_PublicBatchToo(no_grad=True), ToyData(n=48, batch_size=12))
     assert dp.steps == 3
 
@@ -162,7 +185,7 @@ def test_noise_scale_is_sigma_c_over_the_batch_size_whatever_n(tmp_path: Path, n
     sigma, clip, batch = 2.0, 0.5, 8
     model = ZeroGradModel()
     before = [p.detach().clone() for p in model.parameters()]
-    dp = DPSGD(max_grad_norm=clip, noise_multiplier=sigma, seed=3, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=n, max_grad_norm=clip, noise_multiplier=sigma, seed=3, accountant="rdp", target_delta=1e-5)
     _trainer(tmp_path, [dp], max_steps=2).fit(model, ToyData(n=n, batch_size=batch))
     delta = torch.cat([(p0 - p1).detach().flatten() for p0, p1 in zip(before, model.parameters())]).double()
     z = delta / (math.sqrt(2) * sigma * clip / batch)  # two noise-only steps, lr 1
@@ -175,7 +198,7 @@ def test_budget_stop_holds_when_an_accumulation_scheduler_changes_the_rate(tmp_p
     sigma, q = 1.0, 1 / 6
     low, high = _pld((q, sigma, 6), (3 * q, sigma, 1)), _pld((q, sigma, 6), (3 * q, sigma, 2))
     target = (low + high) / 2  # one step at the accumulated rate fits, two do not
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=sigma, target_epsilon=target, target_delta=1e-5,
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=sigma, target_epsilon=target, target_delta=1e-5,
                poisson_sampling=False, seed=0)
     trainer = _trainer(tmp_path, [dp, GradientAccumulationScheduler({0: 1, 1: 3})], max_epochs=6)
     with pytest.warns(UserWarning, match="stopping after step 7"):
@@ -184,7 +207,7 @@ def test_budget_stop_holds_when_an_accumulation_scheduler_changes_the_rate(tmp_p
     assert dp.get_epsilon() <= target
     # with Poisson sampling, accumulation is no Poisson sample: refused before training
     with pytest.raises(ValueError, match="GradientAccumulationScheduler"):
-        _trainer(tmp_path, [DPSGD(max_grad_norm=1.0, noise_multiplier=1.0),
+        _trainer(tmp_path, [DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0),
                             GradientAccumulationScheduler({0: 1, 1: 3})], max_epochs=2).fit(ToyClassifier(), ToyData())
 
 
@@ -211,10 +234,10 @@ def test_poisson_batches_only_draw_what_the_users_sampler_can_yield(tmp_path: Pa
         def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, i: int) -> None:
             seen.update(int(v) for v in batch[0][:, 0])
 
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=30, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
     _trainer(tmp_path, [dp, Spy()], max_epochs=3).fit(ToyClassifier(lr=0.0), _IndexData("subset"))
     assert seen and all(i % 2 == 0 for i in seen) and dp.sample_rate == pytest.approx(6 / 30)
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0)
     with pytest.raises(ValueError, match="WeightedRandomSampler"):
         _trainer(tmp_path, [dp], max_epochs=1).fit(ToyClassifier(), _IndexData("weighted"))
 
@@ -232,7 +255,7 @@ class _FunctionalLinear(ToyClassifier):
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_parameter_with_gradient_but_no_per_sample_gradient_is_refused(tmp_path: Path, mode: str) -> None:
     model = _FunctionalLinear(per_sample=mode == "ghost")
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5,
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5,
                grad_sample_mode=mode)
     with pytest.raises(ValueError, match=r"`head\.weight`, `head\.bias` got a gradient but no per-sample gradient"):
         _trainer(tmp_path, [dp], max_steps=2).fit(model, ToyData())
@@ -250,7 +273,7 @@ def test_epsilon_prefetch_never_looks_past_the_planned_steps(tmp_path: Path, mon
         return real(history, delta, mechanism)
 
     monkeypatch.setattr(ledger, "epsilon", spy)
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, target_delta=1e-5)
     _trainer(tmp_path, [dp], max_steps=1, log_every_n_steps=10**6).fit(ToyClassifier(), ToyData())
     dp.get_epsilon()
     assert asked and max(asked) <= 1
@@ -258,17 +281,18 @@ def test_epsilon_prefetch_never_looks_past_the_planned_steps(tmp_path: Path, mon
 
 # --------------------------------------------------------------------------- resuming with another mechanism
 def test_resume_with_another_noise_multiplier_is_refused_unless_allowed(tmp_path: Path) -> None:
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
     trainer = _trainer(tmp_path, [dp], max_steps=3)
     trainer.fit(ToyClassifier(), ToyData())
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     for kwargs, match in (({"noise_multiplier": 2.0}, "noise_multiplier 1.0 -> 2.0"),
                           ({"noise_multiplier": 1.0, "max_grad_norm": 0.5}, "max_grad_norm 1.0 -> 0.5"),
                           ({"noise_multiplier": 1.0, "accountant": "prv"}, "accountant 'rdp' -> 'prv'")):
-        again = DPSGD(**{"max_grad_norm": 1.0, "seed": 0, "accountant": "rdp", "target_delta": 1e-5, **kwargs})
+        again = DPSGD(**{"max_grad_norm": 1.0, "seed": 0, "accountant": "rdp", "target_delta": 1e-5,
+                         "dataset_size": 48, **kwargs})
         with pytest.raises(ValueError, match=match):
             _trainer(tmp_path, [again], max_steps=5).fit(ToyClassifier(), ToyData(), ckpt_path=tmp_path / "a.ckpt")
-    knowing = DPSGD(max_grad_norm=1.0, noise_multiplier=2.0, seed=0, accountant="rdp", target_delta=1e-5,
+    knowing = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=2.0, seed=0, accountant="rdp", target_delta=1e-5,
                     allow_mechanism_change=True)
     _trainer(tmp_path, [knowing], max_steps=5).fit(ToyClassifier(), ToyData(), ckpt_path=tmp_path / "a.ckpt")
     assert knowing.history == [(1.0, 1 / 6, 3), (2.0, 1 / 6, 2)]
@@ -276,20 +300,22 @@ def test_resume_with_another_noise_multiplier_is_refused_unless_allowed(tmp_path
     assert knowing.get_epsilon() >= _pld((1 / 6, 1.0, 3), (1 / 6, 2.0, 2))
 
 
-def test_budget_stop_checkpoint_holds_no_seed(tmp_path: Path) -> None:
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.2, target_epsilon=_pld((1 / 6, 1.2, 3)) * 1.05,
-               target_delta=1e-5)
+def test_budget_stop_checkpoint_holds_no_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = _record_fresh_seeds(monkeypatch)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.2, target_epsilon=_pld((1 / 6, 1.2, 3)) * 1.05,
+               target_delta=1e-5, secret_dir=str(tmp_path.parent / f"{tmp_path.name}-secrets"))
     with pytest.warns(UserWarning, match="stopping after step 3"):
         _trainer(tmp_path, [dp], max_steps=30).fit(ToyClassifier(), ToyData(n=48, batch_size=8))
-    ckpt = Path(dp.budget_checkpoint_path)
-    seed = read_secret(ckpt.parent, dp.run_id)
-    assert seed is not None
-    data = ckpt.read_bytes()
-    assert str(seed).encode() not in data and seed.to_bytes(16, "little") not in data
+    (seed,) = drawn
+    _assert_no_file_holds(tmp_path, seed)
+    assert Path(dp.budget_checkpoint_path).is_file()
+    assert not list((tmp_path.parent / f"{tmp_path.name}-secrets").iterdir())  # deleted when training ended
 
 
-def test_subclass_accessors_derive_seeds_but_never_expose_the_secret(tmp_path: Path) -> None:
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, accountant="rdp")
+def test_subclass_accessors_derive_seeds_but_never_expose_the_secret(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = _record_fresh_seeds(monkeypatch)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, accountant="rdp")
     with pytest.raises(RuntimeError, match="no secret seed"):
         dp.derive_seed("mask", 0)
     seen: dict[str, Any] = {}
@@ -302,8 +328,9 @@ def test_subclass_accessors_derive_seeds_but_never_expose_the_secret(tmp_path: P
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1)
     _trainer(tmp_path, [dp, Subclass(), saver], max_steps=2, enable_checkpointing=True).fit(
         ToyClassifier(), ToyData(n=48, batch_size=8))
-    seed = read_secret(tmp_path / "ckpt", dp.run_id)  # the secret, from the owner-only file
-    assert seed is not None and seen["derived"] == derive_seed(seed, "mask", 3, 7)
+    (seed,) = drawn  # the secret: drawn once, kept nowhere
+    _assert_no_file_holds(tmp_path, seed)
+    assert seen["derived"] == derive_seed(seed, "mask", 3, 7)
     assert isinstance(seen["optimizer"], DPOptimizer) and seen["n"] == 48
     assert seen["undone"] and dp.dp_optimizer is None  # called at teardown, before the optimizer is dropped
     public = {k: v for k, v in vars(dp).items() if not k.startswith("_")}
@@ -314,6 +341,6 @@ def test_resuming_a_non_private_checkpoint_under_dpsgd_is_refused(tmp_path: Path
     trainer = _trainer(tmp_path, [], max_steps=3)
     trainer.fit(ToyClassifier(), ToyData())
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
     with pytest.raises(ValueError, match="trained for 3 steps without DPSGD"):
         _trainer(tmp_path, [dp], max_steps=5).fit(ToyClassifier(), ToyData(), ckpt_path=tmp_path / "plain.ckpt")

@@ -46,7 +46,7 @@ def test_image_classifier_with_scheduler(tmp_path: Path, precision: str) -> None
                             optimizer=partial(torch.optim.SGD, lr=0.1),
                             lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))
     before = [p.detach().clone() for p in model.parameters()]
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=40, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
     trainer = _trainer(tmp_path, dp, max_epochs=2, precision=precision)
     trainer.fit(model, _Images())
     assert dp.steps == trainer.global_step == 10  # 5 Poisson batches per epoch
@@ -54,16 +54,26 @@ def test_image_classifier_with_scheduler(tmp_path: Path, precision: str) -> None
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.filterwarnings("ignore:DPSGD.*on_before_optimizer_step")  # EDM's hook also cleans the per-sample grads
 def test_edm_trains_privately(tmp_path: Path) -> None:
     net = SongUNet(img_resolution=8, in_channels=1, out_channels=1, label_dim=10, model_channels=8,
                    channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[4], dropout=0.0)
     model = EDM(net=net, num_val_samples=2, sample_batch_size=2)
     ema_before = [p.detach().clone() for p in model.ema.parameters()]
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
-    with pytest.warns(UserWarning, match="on_before_optimizer_step"):  # EDM's nan_to_num sees non-private grads
-        _trainer(tmp_path, dp, max_steps=2).fit(model, _Images(size=8))
+    clean = model.on_before_optimizer_step
+
+    def poisoned(optimizer: torch.optim.Optimizer) -> None:  # a NaN in example 0's per-sample gradients, then EDM's
+        for p in model.net.parameters():
+            if getattr(p, "grad_sample", None) is not None:
+                p.grad_sample[0] = float("nan")
+        clean(optimizer)
+
+    model.on_before_optimizer_step = poisoned  # type: ignore[method-assign]
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    _trainer(tmp_path, dp, max_steps=2).fit(model, _Images(size=8))
     assert dp.steps == 2
     assert any(not torch.equal(a, b) for a, b in zip(ema_before, model.ema.parameters()))  # EMA followed
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # nan_to_num before the DP clipping
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
 
@@ -85,10 +95,10 @@ class _ExtraForward(ToyClassifier):
 
 
 def test_extra_forward_pass_must_not_record_activations(tmp_path: Path) -> None:
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
     _trainer(tmp_path, dp, max_steps=3).fit(_ExtraForward(under_no_grad=True), ToyData())
     assert dp.steps == 3
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
     with pytest.raises(RuntimeError, match=r"`net\.0` kept activations.*torch\.no_grad"):
         _trainer(tmp_path, dp, max_steps=3).fit(_ExtraForward(under_no_grad=False), ToyData())
 
@@ -101,7 +111,7 @@ def test_unused_private_parameter_gets_zero_per_sample_gradient(tmp_path: Path) 
 
     model = Unused()
     spare = model.spare.weight.detach().clone()
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=0.0, seed=0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=0.0, seed=0, accountant="rdp", target_delta=1e-5)
     _trainer(tmp_path, dp, max_steps=2).fit(model, ToyData())
     assert dp.steps == 2 and torch.equal(model.spare.weight, spare)  # zero gradient, zero noise: unchanged
 
@@ -112,7 +122,7 @@ def test_plain_dataloader_from_a_module_hook(tmp_path: Path) -> None:
             return DataLoader(TensorDataset(torch.randn(24, 5), torch.randint(0, 3, (24,))), batch_size=6)
 
     model = WithLoader()
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
+    dp = DPSGD(dataset_size=24, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5)
     _trainer(tmp_path, dp, max_steps=4).fit(model)
     assert dp.steps == 4 and dp.sample_rate == pytest.approx(1 / 4)
     assert "train_dataloader" not in vars(model)  # the hook wrapper was removed at teardown

@@ -81,7 +81,7 @@ def test_itbs_train_and_come_back_from_the_checkpoint(tmp_path: Path) -> None:
 def test_composes_with_dpsgd_and_memorization_monitor(tmp_path: Path) -> None:
     model = _edm()
     mitigation = TimestepSelectiveMitigation(sigma_threshold=0.5)
-    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5, plot=False)
+    dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, accountant="rdp", target_delta=1e-5, plot=False)
     monitor = MemorizationMonitor(every_n_epochs=1, num_samples=2, k=1, num_iters=2, num_steps=2, batch_size=2)
     trainer = _trainer(tmp_path, [dp, mitigation, monitor], max_epochs=1)  # DPSGD first: setup order is free
     with pytest.warns(UserWarning):

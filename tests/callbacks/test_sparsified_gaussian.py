@@ -95,8 +95,8 @@ def apply_update(model: nn.Module, update: torch.Tensor, lr: float) -> list[torc
 # --------------------------------------------------------------------------- examples as participants
 def test_keep_fraction_one_is_dpsgd_bit_for_bit(tmp_path: Path) -> None:
     runs = {}
-    for name, cb in (("dpsgd", DPSGD(max_grad_norm=0.5, noise_multiplier=1.0, seed=3, target_delta=1e-5)),
-                     ("sparsified", SparsifiedGaussian(1.0, max_grad_norm=0.5, noise_multiplier=1.0, seed=3,
+    for name, cb in (("dpsgd", DPSGD(dataset_size=48, max_grad_norm=0.5, noise_multiplier=1.0, seed=3, target_delta=1e-5)),
+                     ("sparsified", SparsifiedGaussian(1.0, dataset_size=48, max_grad_norm=0.5, noise_multiplier=1.0, seed=3,
                                                        target_delta=1e-5))):
         model = ToyClassifier()
         make_trainer(tmp_path, [cb], max_steps=5).fit(model, ToyData(n=48, batch_size=8))
@@ -114,7 +114,7 @@ def test_masked_update_equals_clipped_masked_micro_batch_loop(tmp_path: Path) ->
     start = [p.detach().clone() for p in model.parameters()]
     reference = ToyClassifier(lr=lr).double()
     recorder = BatchRecorder()
-    sg = SparsifiedGaussian(gamma, max_grad_norm=c, noise_multiplier=0.0, seed=seed, target_delta=1e-5,
+    sg = SparsifiedGaussian(gamma, dataset_size=48, max_grad_norm=c, noise_multiplier=0.0, seed=seed, target_delta=1e-5,
                             accountant="rdp")
     make_trainer(tmp_path, [recorder, sg], max_steps=1, precision="64-true").fit(model, ToyData(n=48, batch_size=b))
     x, y = recorder.batches[0]
@@ -136,7 +136,7 @@ def test_virtual_steps_keep_every_examples_mask(tmp_path: Path) -> None:
     runs = []
     for physical in (None, 3):
         model = ToyClassifier(lr=0.5).double()
-        sg = SparsifiedGaussian(0.3, max_grad_norm=0.3, noise_multiplier=0.7, seed=5, target_delta=1e-5,
+        sg = SparsifiedGaussian(0.3, dataset_size=48, max_grad_norm=0.3, noise_multiplier=0.7, seed=5, target_delta=1e-5,
                                 accountant="rdp", max_physical_batch_size=physical)
         make_trainer(tmp_path, [sg], max_steps=4, precision="64-true").fit(model, ToyData(n=48, batch_size=8))
         runs.append(model)
@@ -151,7 +151,7 @@ def test_client_update_is_the_clipped_masked_sum_of_client_mean_gradients(tmp_pa
     data = ToyClients(dtype=torch.float64)
     model, reference = ToyClassifier(lr=lr).double(), ToyClassifier(lr=lr).double()
     recorder = BatchRecorder()
-    sg = SparsifiedGaussian(gamma, max_grad_norm=c, noise_multiplier=0.0, seed=seed, target_delta=1e-3,
+    sg = SparsifiedGaussian(gamma, dataset_size=12, max_grad_norm=c, noise_multiplier=0.0, seed=seed, target_delta=1e-3,
                             participants="clients", accountant="rdp")
     make_trainer(tmp_path, [recorder, sg], max_steps=1, precision="64-true").fit(model, data)
     ids = recorder.batches[0].tolist()
@@ -165,8 +165,10 @@ def test_client_update_is_the_clipped_masked_sum_of_client_mean_gradients(tmp_pa
     expected = apply_update(reference, total / (data.clients_per_round * gamma), lr)
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach(), e, atol=1e-12, rtol=0)
-    assert sg.comm_stats["comm/bytes_per_step"] == kept * 8  # the kept float64 values, nothing else
-    assert sg.comm_stats["comm/dense_bytes_per_step"] == len(ids) * dim * 8
+    sent = sg._unpublished_last_step_comm()  # realised counts: unpublished (comm_stats: public expectations)
+    assert sent["comm/bytes_per_step"] == kept * 8  # the kept float64 values, nothing else
+    assert sent["comm/dense_bytes_per_step"] == len(ids) * dim * 8 and sent["participants"] == len(ids)
+    assert sg.comm_stats["comm/bytes_per_step"] == pytest.approx(data.clients_per_round * gamma * dim * 8)
     assert sg.sample_rate == pytest.approx(4 / 12) and sg.num_samples == 12  # q over clients
 
 
@@ -174,7 +176,7 @@ def test_client_update_is_the_clipped_masked_sum_of_client_mean_gradients(tmp_pa
 def test_empty_poisson_rounds_are_noise_only_steps(tmp_path: Path, participants: str) -> None:
     # q N = 1: P(empty) = (11/12)^12 ~ 0.35 per round, so 24 rounds without one has probability ~3e-5
     recorder = BatchRecorder()
-    sg = SparsifiedGaussian(0.3, max_grad_norm=0.5, noise_multiplier=1.0, seed=5, target_delta=1e-3,
+    sg = SparsifiedGaussian(0.3, dataset_size=12, max_grad_norm=0.5, noise_multiplier=1.0, seed=5, target_delta=1e-3,
                             accountant="rdp", participants=participants, plot=False)
     data = ToyClients(clients_per_round=1) if participants == "clients" else ToyData(n=12, batch_size=1)
     model = ToyClassifier()
@@ -188,11 +190,22 @@ def test_empty_poisson_rounds_are_noise_only_steps(tmp_path: Path, participants:
 # --------------------------------------------------------------------------- resume, records, logs
 @pytest.mark.parametrize("participants", ["examples", "clients"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, participants: str) -> None:
-    def run(max_steps: int, ckpt: str | None, every: int | None) -> tuple[ToyClassifier, SparsifiedGaussian]:
+    """A run killed at step 4 keeps its secret in the private secret_dir (outside the run folder) and resumes exactly
+    what an uninterrupted run with that seed trains (same masks, batches and noise)."""
+    secrets = tmp_path.parent / f"{tmp_path.name}-secrets"
+
+    class Kill(Callback):
+        def on_train_batch_start(self, trainer: Trainer, *args: object) -> None:
+            if trainer.global_step == 4:
+                raise RuntimeError("killed")
+
+    def run(max_steps: int, ckpt: str | None, every: int | None, seed: int | None = None, kill: bool = False
+            ) -> tuple[ToyClassifier, SparsifiedGaussian]:
         model = ToyClassifier()
-        sg = SparsifiedGaussian(0.3, max_grad_norm=0.5, noise_multiplier=1.0, target_delta=1e-3, accountant="rdp",
-                                participants=participants)  # seed=None: the secret file restores it
-        callbacks: list[Callback] = [sg]
+        sg = SparsifiedGaussian(0.3, dataset_size=12 if participants == "clients" else 48, max_grad_norm=0.5,
+                                noise_multiplier=1.0, target_delta=1e-3, accountant="rdp", seed=seed,
+                                participants=participants, secret_dir=str(secrets))
+        callbacks: list[Callback] = [sg] + ([Kill()] if kill else [])
         if every:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1,
                                              every_n_train_steps=every))
@@ -201,8 +214,13 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, participants: str)
             model, data, ckpt_path=ckpt)
         return model, sg
 
-    full, sg_full = run(7, None, every=4)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(7, None, every=4, kill=True)
+    (kept,) = secrets.iterdir()  # the seed (and so every mask) lives only in the owner-only secret file
+    seed = int(__import__("json").loads(kept.read_text())["seed"])
+    full, sg_full = run(7, None, every=None, seed=seed)
     resumed, sg_res = run(7, str(tmp_path / "ckpt" / "step=4.ckpt"), every=None)
+    assert list(secrets.iterdir()) == []  # the resumed fit ended: its secret is deleted
     assert sg_res.steps == sg_full.steps == 7 and sg_res.history == sg_full.history
     assert sg_res.get_epsilon() == sg_full.get_epsilon()
     for a, b in zip(full.parameters(), resumed.parameters()):
@@ -211,14 +229,12 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, participants: str)
     record = ckpt["plpriv_privacy"]
     assert record["mechanism"] == "sparsified-gaussian" and record["keep_fraction"] == 0.3
     assert record["participants"] == participants
-    secret = [f for f in os.listdir(tmp_path / "ckpt") if f.startswith("dpsgd-secret-")]
-    assert secret  # the seed (and so every mask) lives only in the owner-only secret file
-    seed = int(__import__("json").loads((tmp_path / "ckpt" / secret[0]).read_text())["seed"])
+    assert not [p for p in tmp_path.rglob("*") if "secret" in p.name]
     assert str(seed).encode() not in (tmp_path / "ckpt" / "step=4.ckpt").read_bytes()
 
 
 def test_comm_and_dp_metrics_are_logged(tmp_path: Path) -> None:
-    sg = SparsifiedGaussian(0.1, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, target_delta=1e-5,
+    sg = SparsifiedGaussian(0.1, dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, target_delta=1e-5,
                             accountant="rdp", plot=False)
     logger = CSVLogger(tmp_path, name="log", version="")
     make_trainer(tmp_path, [sg], max_steps=2, logger=logger, log_every_n_steps=1).fit(ToyClassifier(), ToyData())
@@ -230,7 +246,7 @@ def test_comm_and_dp_metrics_are_logged(tmp_path: Path) -> None:
 
 def test_end_of_training_line_names_the_sparsified_accountant(tmp_path: Path, caplog: pytest.LogCaptureFixture
                                                               ) -> None:
-    sg = SparsifiedGaussian(0.1, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, target_delta=1e-5,
+    sg = SparsifiedGaussian(0.1, dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, target_delta=1e-5,
                             accountant="rdp", plot=False)
     lightning_logger = logging.getLogger("lightning.pytorch")  # does not propagate to caplog's root handler
     lightning_logger.addHandler(caplog.handler)
@@ -256,7 +272,7 @@ def test_keep_fraction_outside_the_unit_interval_is_refused(bad: float) -> None:
 def test_clients_missing_from_the_data_fail_before_training(tmp_path: Path) -> None:
     model = ToyClassifier()
     start = [p.detach().clone() for p in model.parameters()]
-    sg = SparsifiedGaussian(0.5, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, participants="clients")
+    sg = SparsifiedGaussian(0.5, dataset_size=12, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, participants="clients")
     with pytest.raises(ValueError, match=r"client ids \[3, 7\]"):
         make_trainer(tmp_path, [sg], max_steps=3).fit(model, ToyClients(missing=(3, 7)))
     assert sg.steps == 0 and all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
@@ -274,7 +290,7 @@ def test_bad_arguments_are_refused_eagerly(kwargs: dict, match: str) -> None:
 
 
 def test_clients_need_a_client_source(tmp_path: Path) -> None:
-    sg = SparsifiedGaussian(0.5, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, participants="clients")
+    sg = SparsifiedGaussian(0.5, dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, participants="clients")
     with pytest.raises(ValueError, match="client_batch"):
         make_trainer(tmp_path, [sg], max_steps=1).fit(ToyClassifier(), ToyData())
 
@@ -319,7 +335,7 @@ DDP_SCRIPT = textwrap.dedent(
     from plpriv.callbacks import SparsifiedGaussian
 
     out, devices, participants = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    sg = SparsifiedGaussian(0.1, max_grad_norm=0.5, noise_multiplier=1.0, seed=4, target_delta=1e-3,
+    sg = SparsifiedGaussian(0.1, dataset_size=16 if participants == "clients" else 40, max_grad_norm=0.5, noise_multiplier=1.0, seed=4, target_delta=1e-3,
                             accountant="rdp", participants=participants)
     model = ToyClassifier(lr=0.5, hidden=64).double()
     trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=5,
