@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from plpriv.nets.small_cnn import SmallCNN, norm_layer
+from plpriv.privacy.contract import PublicBatch
 
 
 def build_backbone(
@@ -47,7 +48,8 @@ def build_backbone(
 
 
 class ImageClassifier(LightningModule):
-    """Cross-entropy classifier; logs ``train/loss``, ``val/loss``, ``val/acc``, ``test/acc``.
+    """Cross-entropy classifier; logs ``train/loss`` (not under DP-SGD: a statistic of the private batch),
+    ``val/loss``, ``val/acc``, ``test/acc``.
 
     Args:
         backbone: ``"small_cnn"`` or a timm model name (``resnet18``, ``convnext_atto``, ...).
@@ -83,6 +85,14 @@ class ImageClassifier(LightningModule):
         self.label_smoothing = label_smoothing
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._public_batch: PublicBatch | None = None  # set under DP-SGD (plpriv.privacy.contract)
+
+    def configure_private_training(self, batch: PublicBatch | None) -> None:
+        """The public-batch contract (:class:`plpriv.privacy.contract.PrivateTrainingAware`): under DP (``batch`` not
+        ``None``) no statistic of the training batch is logged."""
+        if batch is not None and not isinstance(batch, PublicBatch):
+            raise ValueError(f"`batch` must be a PublicBatch or None, got {type(batch).__name__}")
+        self._public_batch = batch
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -98,7 +108,8 @@ class ImageClassifier(LightningModule):
         x, y = batch
         self._check_batch(x)
         loss = F.cross_entropy(self(x), y, label_smoothing=self.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
+        if self._public_batch is None:  # under DP the batch's loss (and size) is private
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from plpriv.metrics.fid import FID
 from plpriv.nets.augment import NonLeakingAugment
 from plpriv.nets.edm_precond import EDMLoss, EDMPrecond
+from plpriv.privacy.contract import PublicBatch
 from plpriv.sampling.edm import StepCallback, edm_sampler
 from plpriv.utils.figures import run_dir, save_and_log_images
 from plpriv.utils.seeding import derive_seed
@@ -69,11 +70,17 @@ class EDM(LightningModule):
     Training follows EDM's CIFAR-10 recipe: loss summed over pixels and averaged over the batch, lr ramped linearly
     over ``lr_rampup_img`` images, EMA with half-life ``ema_halflife_img`` images (ramped to
     ``ema_rampup_ratio * images seen``), gradients passed through ``nan_to_num``. All training randomness (sigma, noise,
-    augmentation, dropout) is drawn from a generator seeded by ``(seed, global_step, rank, batch_idx)``, so a run
-    resumed from a checkpoint continues exactly as an uninterrupted one (given the datamodule's per-epoch seeded
-    shuffling). The EMA network is a registered, frozen copy (``self.ema``): it is saved in checkpoints, updated under
-    ``no_grad`` after each optimizer step (never a forward pass, so DP-SGD callbacks that wrap the optimizer are
-    unaffected), and used for validation, sampling and prediction.
+    augmentation, dropout) is drawn from a generator seeded by ``(seed, global_step, rank, batch_idx)`` (and the call
+    count when ``training_step`` runs several times per batch), so a run resumed from a checkpoint continues exactly
+    as an uninterrupted one (given the datamodule's per-epoch seeded shuffling). The EMA network is a registered,
+    frozen copy (``self.ema``): it is saved in checkpoints, updated under ``no_grad`` after each optimizer step (never
+    a forward pass, so DP-SGD callbacks that wrap the optimizer are unaffected), and used for validation, sampling and
+    prediction.
+
+    Under DP-SGD (:mod:`plpriv.privacy.contract`: :meth:`configure_private_training` with a :class:`PublicBatch`) the
+    sampled batch size is private: the lr ramp, the EMA and ``images_seen`` count the public expected batch B per
+    optimizer step, ``nan_to_num`` also cleans the per-sample gradients (``p.grad_sample``) before clipping, and no
+    statistic of the training batch is logged (``train/*``).
 
     Denoiser protocol (callbacks find it by duck typing, never by importing this class):
         ``denoise(x, sigma, class_labels=None, use_ema=True) -> D(x; sigma)`` (fp32, eval mode, differentiable in
@@ -91,7 +98,7 @@ class EDM(LightningModule):
         ema_halflife_img: EMA half-life in images (EDM: 0.5 Mimg); ema_rampup_ratio: ``None`` disables the ramp.
         augment_p: probability of each non-leaking augmentation (EDM CIFAR-10: 0.12; 0 = off). Needs ``net``
             with ``augment_dim = 9``.
-        grad_nan_to_num: replace NaN/inf gradients as EDM does.
+        grad_nan_to_num: replace NaN/inf gradients as EDM does (under DP-SGD the per-sample gradients too).
         seed: root of all training/validation/sampling randomness.
         sampler_kwargs: overrides of :func:`plpriv.sampling.edm_sampler` settings (``num_steps``, ``S_churn``, ...).
         image_shape: ``(C, H, W)`` when ``net`` lacks ``in_channels``/``img_resolution``.
@@ -228,7 +235,10 @@ class EDM(LightningModule):
                 self._class_scorer = fid_feature.logits
         # Images the network has been trained on (EDM's cur_nimg): drives the EMA ramp; saved in checkpoints.
         self.register_buffer("images_seen", torch.zeros((), dtype=torch.int64))
-        self._global_batch = 0
+        self._global_batch: float = 0
+        self._public_batch: PublicBatch | None = None  # set under DP-SGD: schedules then count B, never len(batch)
+        self._rng_key: tuple[int, int] | None = None  # (global_step, batch_idx) of the last training_rng call
+        self._rng_calls = 0  # training_rng calls for that key (virtual steps call training_step per chunk)
         self._fid_real_ready = False
         self._predictions: list[dict[str, Tensor]] = []
         self._predict_path: Path | None = None
@@ -322,8 +332,29 @@ class EDM(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_private_training(self, batch: PublicBatch | None) -> None:
+        """The public-batch contract (:class:`plpriv.privacy.contract.PrivateTrainingAware`): under DP the lr ramp,
+        the EMA and ``images_seen`` use B = ``batch.expected_batch_size`` per optimizer step and training-batch
+        statistics are not logged; ``None`` (the fit ended) restores the non-private behaviour."""
+        if batch is not None:
+            if not isinstance(batch, PublicBatch):
+                raise ValueError(f"`batch` must be a PublicBatch or None, got {type(batch).__name__}")
+            if not (math.isfinite(batch.expected_batch_size) and batch.expected_batch_size > 0):
+                raise ValueError(f"`expected_batch_size` must be finite and > 0, got {batch.expected_batch_size!r}")
+            if self.fid is not None and self.fid_real_split == "train":
+                raise ValueError("fid_real_split='train' publishes FID against the private training set (unnoised): "
+                                 "use fid_real_split='val' under DP")
+            self._global_batch = float(batch.expected_batch_size)  # the lr ramp reads it before the first step
+        self._public_batch = batch
+
+    def log_training_metric(self, name: str, value: Tensor, **kwargs: Any) -> None:
+        """``self.log`` for a statistic of the training batch; nothing under DP (unnoised private data)."""
+        if self._public_batch is None:
+            self.log(name, value, **kwargs)
+
     def _lr_factor(self, step: int) -> float:
-        # EDM: lr * min(cur_nimg / lr_rampup_img, 1) with cur_nimg = step * global batch (0 at the first step).
+        # EDM: lr * min(cur_nimg / lr_rampup_img, 1) with cur_nimg = step * global batch (0 at the first step);
+        # under DP the global batch is the public B (see prepare_training_batch).
         return min(step * self._global_batch / max(self.lr_rampup_img, 1e-8), 1.0)
 
     def _rank(self) -> int:
@@ -336,8 +367,8 @@ class EDM(LightningModule):
     def seeded(self, *parts: int) -> Iterator[None]:
         """Run a block with the global RNG (dropout, sigma, noise) seeded by ``(seed, *parts)``; restore it afterwards.
 
-        Streams used here: ``(0, global_step, rank, batch_idx)`` training (:meth:`training_rng`), ``(1, batch_idx,
-        rank)`` validation loss; a subclass drawing its own randomness should use another first part.
+        Streams used here: ``(0, global_step, rank, batch_idx[, call])`` training (:meth:`training_rng`), ``(1,
+        batch_idx, rank)`` validation loss; a subclass drawing its own randomness should use another first part.
         """
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
@@ -346,8 +377,14 @@ class EDM(LightningModule):
 
     def training_rng(self, batch_idx: int) -> contextlib.AbstractContextManager[None]:
         """The training step's random stream (sigma, noise, augmentation, dropout), seeded by ``(seed, 0,
-        global_step, rank, batch_idx)``: a resumed run draws what an uninterrupted one would."""
-        return self.seeded(0, self.global_step, self._rank(), batch_idx)
+        global_step, rank, batch_idx)``: a resumed run draws what an uninterrupted one would. Further calls for the
+        same ``(global_step, batch_idx)`` (virtual steps: one ``training_step`` per chunk of a logical batch) add
+        their call count ``1, 2, ...`` to the seed, so every chunk draws fresh sigma, noise and dropout."""
+        step = self.global_step
+        if self._rng_key != (step, batch_idx):
+            self._rng_key, self._rng_calls = (step, batch_idx), 0
+        call, self._rng_calls = self._rng_calls, self._rng_calls + 1
+        return self.seeded(0, step, self._rank(), batch_idx, *((call,) if call else ()))  # call 0: the seed as before
 
     def conditioning_labels(self, y: Tensor | None) -> Tensor | None:
         """The class labels handed to the network: ``y`` for a class-conditional model, else ``None``."""
@@ -362,14 +399,17 @@ class EDM(LightningModule):
 
     def prepare_training_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
         """Start a training step: unpack ``batch``, check the image shape, record the global batch size (images per
-        optimizer step over all ranks, read by the lr ramp and the EMA step); returns ``(images,
-        conditioning labels)``."""
+        optimizer step over all ranks, read by the lr ramp and the EMA step; under DP the public B, whatever the
+        sampled size and the number of chunks); returns ``(images, conditioning labels)``."""
         images, labels = self.unpack_batch(batch)
         if tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(f"{type(self).__name__} expects images {self.image_shape}, got "
                              f"{tuple(images.shape[1:])}: match the data's image_size/channels to the network's "
                              "img_resolution/in_channels")
-        self._global_batch = images.shape[0] * self._world_size() * self.trainer.accumulate_grad_batches
+        if self._public_batch is not None:
+            self._global_batch = float(self._public_batch.expected_batch_size)
+        else:
+            self._global_batch = images.shape[0] * self._world_size() * self.trainer.accumulate_grad_batches
         return images, self.conditioning_labels(labels)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -379,14 +419,29 @@ class EDM(LightningModule):
             if self.augment is not None:
                 images, augment_labels = self.augment(images)
             loss = self.loss_fn(self.net, images, labels, augment_labels)
-        self.log("train/loss", loss.mean(), prog_bar=True, batch_size=images.shape[0])
+        self.log_training_metric("train/loss", loss.mean(), prog_bar=True, batch_size=images.shape[0])
         return loss.sum(dim=tuple(range(1, loss.ndim))).mean()  # EDM: sum over pixels, mean over images
+
+    def on_after_backward(self) -> None:
+        # Virtual steps clip each chunk's per-sample gradients right after its backward: clean them here first.
+        if self.grad_nan_to_num:
+            self._clean_grad_samples()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.grad_nan_to_num:
             for p in self.net.parameters():
                 if p.grad is not None:
                     torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+            self._clean_grad_samples()
+
+    def _clean_grad_samples(self) -> None:
+        """``nan_to_num`` on opacus' per-sample gradients (DP-SGD builds the update from them, not ``p.grad``);
+        before clipping, so every example's contribution stays bounded by the clipping norm."""
+        for p in self.net.parameters():
+            samples = getattr(p, "grad_sample", None)
+            for g in samples if isinstance(samples, list) else [samples]:
+                if isinstance(g, Tensor):
+                    torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -411,7 +466,7 @@ class EDM(LightningModule):
             p_ema.copy_(p_net.detach().lerp(p_ema, beta))
         for b_ema, b_net in zip(self.ema.buffers(), self.net.buffers()):
             b_ema.copy_(b_net)
-        self.images_seen += self._global_batch
+        self.images_seen += round(self._global_batch)  # under DP B (whole for DPSGD: the loader's batch_size)
         return beta
 
     # -------------------------------------------------------------------------------------------- validation ---

@@ -261,9 +261,9 @@ class LoyalDiffusion(EDM):
             plain, rau = EDMPrecond(self.plain_net, sigma_data), EDMPrecond(self.rau_net, sigma_data)
             loss_plain = self.loss_fn(plain, images, y, augment_labels, sigma=sigma_low)
             loss_rau = self.loss_fn(rau, images, y, augment_labels, sigma=sigma_high)
-        self.log("train/loss_plain", loss_plain.mean(), batch_size=n)
-        self.log("train/loss_rau", loss_rau.mean(), batch_size=n)
-        self.log("train/loss", (loss_plain.mean() + loss_rau.mean()) / 2, prog_bar=True, batch_size=n)
+        self.log_training_metric("train/loss_plain", loss_plain.mean(), batch_size=n)  # nothing under DP
+        self.log_training_metric("train/loss_rau", loss_rau.mean(), batch_size=n)
+        self.log_training_metric("train/loss", (loss_plain.mean() + loss_rau.mean()) / 2, prog_bar=True, batch_size=n)
         dims = tuple(range(1, loss_plain.ndim))
         return (loss_plain.sum(dim=dims) + loss_rau.sum(dim=dims)).mean()  # two EDM losses (sum pixels, mean images)
 
