@@ -9,6 +9,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
+PROBE_CALLS = 3  # DPSGD's first private step runs training_step 3 extra times (the per-example independence probe)
+
+
 def toy_tensors(n: int = 48, features: int = 5, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=g)

@@ -72,7 +72,9 @@ def budget_end(dp: DPSGD, trainer: Trainer, sigma: float, rate: float, planned: 
     stops). Without any step taken yet a spent budget is always refused."""
     if dp.target_epsilon is None or not dp.stop_on_budget:
         return None
-    horizon = max(int(planned) - dp.steps, 0) if math.isfinite(planned) else None
+    # steps left in THIS fit (not planned - dp.steps: a second fit with the same callback starts at global step 0
+    # with the first fit's steps already in the ledger, and must be guarded too)
+    horizon = max(int(planned) - trainer.global_step, 0) if math.isfinite(planned) else None
     if horizon == 0:  # nothing left to train
         return None
     extra = 0

@@ -1,24 +1,29 @@
-"""DPSGD's ``training_step`` wrapper (automatic optimization): virtual steps, ghost clipping's two backward passes,
-and loss checks. Lightning's closure still calls it once per batch; it is an instance attribute of the module,
-removed again when the fit ends."""
+"""DPSGD's ``training_step`` wrappers: virtual steps, ghost clipping's two backward passes, loss checks and the
+per-example independence probe (automatic optimization), and the guard that keeps statistics of the private batch
+out of the logs (both modes). Lightning's closure still calls the step once per batch; the wrappers are instance
+attributes of the module, removed again when the fit ends: Lightning has no public hook around ``training_step``
+or around ``LightningModule.log``, and filtering metrics after the fact (loggers, ``callback_metrics``) is too late
+for the progress bar, checkpoint file names and monitors that already read them."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.data import extract_batch_size
 
+from plpriv.privacy.independence import IndependenceProbe
 from plpriv.privacy.poisson import split_batch
 
 if TYPE_CHECKING:
     from plpriv.callbacks.dp_sgd import DPSGD
 
-__all__ = ["MARK", "batch_size_of", "clear_per_sample_state", "wrap_training_step"]
+__all__ = ["MARK", "batch_size_of", "clear_per_sample_state", "guard_training_logs", "wrap_training_step"]
 
 MARK = "_plpriv_dpsgd_wrapper"
 
@@ -50,6 +55,46 @@ def _loss_of(output: Any) -> torch.Tensor:
 
 def _with_loss(output: Any, loss: torch.Tensor) -> Any:
     return {**output, "loss": loss} if isinstance(output, dict) else loss
+
+
+class _LogGuard:
+    """Replaces ``pl_module.log`` while ``training_step`` runs: metrics not named in ``allowed`` are dropped (their
+    names collected in ``dropped``); ``silent`` drops everything (probe passes)."""
+
+    def __init__(self, pl_module: LightningModule, allowed: tuple[str, ...]) -> None:
+        self.pl_module, self.allowed = pl_module, set(allowed)
+        self.dropped: set[str] = set()
+        self.silent = False
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        module, log = self.pl_module, self.pl_module.log
+
+        def private_log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            if name in self.allowed and not self.silent:
+                return log(name, value, *args, **kwargs)
+            if not self.silent:
+                self.dropped.add(name)
+            return None
+
+        module.log = private_log  # type: ignore[method-assign]  # log_dict calls self.log: covered too
+        try:
+            yield
+        finally:
+            vars(module).pop("log", None)
+
+
+def guard_training_logs(pl_module: LightningModule, allowed: tuple[str, ...]) -> tuple[_LogGuard, Callable[[], None]]:
+    """Install the log guard around ``pl_module.training_step``; returns it and the function that removes it."""
+    guard, original = _LogGuard(pl_module, allowed), pl_module.training_step
+
+    @functools.wraps(original)
+    def training_step(*args: Any, **kwargs: Any) -> Any:
+        with guard.active():
+            return original(*args, **kwargs)
+
+    pl_module.training_step = training_step  # type: ignore[method-assign]
+    return guard, lambda: vars(pl_module).pop("training_step", None)
 
 
 def wrap_training_step(dp: DPSGD, trainer: Trainer, pl_module: LightningModule) -> Callable[[], None]:
@@ -93,10 +138,44 @@ def wrap_training_step(dp: DPSGD, trainer: Trainer, pl_module: LightningModule) 
             loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)  # zero gradient, no NaN in logs
         return output, loss, loss.detach()
 
+    probe = not ghost and dp.steps == 0  # once per run, at its first step (a resumed run was probed before)
+
+    def probe_independence(chunk: Any, m: int, args: tuple, kwargs: dict) -> None:
+        hooks.batch_size = m
+
+        def step(b: Any) -> torch.Tensor:
+            loss = _loss_of(original(b, *args, **kwargs))
+            return loss if loss.dim() == 0 else loss.mean()
+
+        guard = dp.log_guard
+        if guard is not None:
+            guard.silent = True
+        try:
+            result = IndependenceProbe(optimizer.params, hooks.parameter_names,
+                                       lambda: optimizer.zero_grad(set_to_none=True)).run(step, chunk, m)
+        finally:
+            if guard is not None:
+                guard.silent = False
+        if result is not None and result.coupled:
+            names = ", ".join(f"`{n}`" for n in result.coupled[:6])
+            raise ValueError(
+                f"DPSGD: `{type(pl_module).__name__}.training_step` couples the examples of a batch: replacing one"
+                f" example changed the per-sample gradients of the others (parameters {names}). A layer or loss that"
+                " mixes examples (batch statistics, in-batch negatives, mixup) breaks DP-SGD's sensitivity bound C:"
+                " epsilon would not hold. Compute each example's loss from that example alone (GroupNorm/LayerNorm"
+                " instead of batch statistics; per-example augmentation)."
+            )
+        if result is not None and not result.reproducible:
+            dp.note_unverified_independence(type(pl_module).__name__)
+
     @functools.wraps(original)
     def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal probe
         n = batch_size_of(batch)
         chunks = split_batch(batch, n, max_physical) if max_physical and n > 0 else [batch]
+        if probe and batch_size_of(chunks[0]) >= 2:
+            probe = False
+            probe_independence(chunks[0], batch_size_of(chunks[0]), args, kwargs)
         total, count = 0.0, 0
         if len(chunks) > 1:  # Lightning zeroes gradients after training_step: clear the last step's first
             optimizer.zero_grad()

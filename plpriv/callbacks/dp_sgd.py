@@ -96,7 +96,12 @@ from plpriv.callbacks._dp_setup import (
     save_secret,
     wrap_train_dataloader,
 )
-from plpriv.callbacks._dp_training_step import batch_size_of, clear_per_sample_state, wrap_training_step
+from plpriv.callbacks._dp_training_step import (
+    batch_size_of,
+    clear_per_sample_state,
+    guard_training_logs,
+    wrap_training_step,
+)
 from plpriv.privacy.accounting import ACCOUNTANTS
 from plpriv.privacy.adjacency import PublicRate, public_rate
 from plpriv.privacy.contract import PrivateTrainingAware, PublicBatch
@@ -212,6 +217,9 @@ class DPSGD(Callback):
         self.secret_dir = None if secret_dir is None else str(secret_dir)
         self.log_training_metrics = check_metric_names(log_training_metrics)
         self._module: LightningModule | None = None
+        self.log_guard: Any = None  # drops metrics logged from training_step (fit-time)
+        self._warned_dropped: set[str] = set()
+        self._unverified: str | None = None
 
         # run state (public; saved in ``state_dict``)
         self.ledger = EpsilonLedger(accountant, memoize=memoize_accounting, adjacency=adjacency)
@@ -385,11 +393,16 @@ class DPSGD(Callback):
         if isinstance(trainer.strategy.model, DistributedDataParallel):
             # opacus' DistributedDPOptimizer all-reduces the noised gradient; DDP's own all-reduce would be wasted
             self._sync_off.enter_context(trainer.strategy.model.no_sync())
+        self.log_guard, undo = guard_training_logs(pl_module, self.log_training_metrics)
+        self._restore.append(undo)
         if pl_module.automatic_optimization:
             self._restore.append(wrap_training_step(self, trainer, pl_module))
         self._module = pl_module
         self._tell_module(pl_module)
         rank_zero_info(start_line(self))
+        if self.log_training_metrics:
+            rank_zero_warn(f"DPSGD: {list(self.log_training_metrics)} logged from training_step are published as"
+                           " asked (log_training_metrics): they are NOT covered by epsilon.")
 
     def _tell_module(self, pl_module: LightningModule | None) -> None:
         """The module's side of the public-batch contract (:mod:`plpriv.privacy.contract`)."""
@@ -479,12 +492,34 @@ class DPSGD(Callback):
         if self._dp_optimizer is None:
             return
         self._hooks.check_no_stale_activations()  # type: ignore[union-attr]
+        self._warn_dropped_metrics()
         if should_update_logs(trainer):
             self.log_step(trainer, pl_module)
         if self._budget_steps is not None and self.steps >= self._budget_steps and not trainer.should_stop:
             # all ranks count the same steps against the same broadcast budget; the reduction makes it explicit
             if trainer.strategy.reduce_boolean_decision(True, all=True):
                 stop_for_budget(self, trainer)
+
+    def _warn_dropped_metrics(self) -> None:
+        new = sorted(self.log_guard.dropped - self._warned_dropped) if self.log_guard is not None else []
+        if new:
+            self._warned_dropped.update(new)
+            rank_zero_warn(
+                f"DPSGD: dropped {new} logged from training_step: statistics of the private batch are not covered by"
+                " epsilon. Publish them knowingly with DPSGD(log_training_metrics=[...]) (the run then says they are"
+                " not covered), or log them from validation."
+            )
+
+    def note_unverified_independence(self, module: str) -> None:
+        """The first-step probe could not tell whether examples are independent (the step's randomness is not the
+        global RNG's); said once. Called by the training-step wrapper."""
+        if self._unverified is None:
+            self._unverified = module
+            rank_zero_warn(
+                f"DPSGD: could not verify that `{module}.training_step` treats the examples of a batch independently"
+                " (it draws randomness the global RNG does not control, so two identical passes differ). Make sure"
+                " no layer or loss mixes examples: DP-SGD's sensitivity bound assumes it."
+            )
 
     def log_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Extension point: logs ``dp/*`` after a private step, at the steps Lightning keeps (``log_every_n_steps``).
@@ -519,7 +554,7 @@ class DPSGD(Callback):
     def _undo(self) -> None:
         if self._module is not None and isinstance(self._module, PrivateTrainingAware):
             self._module.configure_private_training(None)
-        self._module = None
+        self._module, self.log_guard = None, None
         self._sync_off.close()
         if self._hooks is not None:
             self._hooks.cleanup()

@@ -104,6 +104,11 @@ class PerSampleHooks:
                     self.modules.append((join_path(path, name), module))
             self._names.update({id(p): join_path(path, name) for name, p in root.named_parameters()})
 
+    @property
+    def parameter_names(self) -> dict[int, str]:
+        """Parameter path by ``id`` (for messages)."""
+        return dict(self._names)
+
     # ------------------------------------------------------------------ checks
     def _check_activation(self, module: nn.Module) -> None:
         rows = [_rows(a) for a in module.activations]

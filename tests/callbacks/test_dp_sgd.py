@@ -20,7 +20,7 @@ import dp_accounting
 import pytest
 import torch
 from dp_accounting import pld
-from _dp_toy import ToyClassifier, ToyData, ToyGAN, ZeroGradModel, toy_tensors
+from _dp_toy import PROBE_CALLS, ToyClassifier, ToyData, ToyGAN, ZeroGradModel, toy_tensors
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -126,7 +126,7 @@ def test_noise_has_std_sigma_c_over_expected_batch_and_survives_the_closure(tmp_
     before = [p.detach().clone() for p in model.parameters()]
     dp = DPSGD(dataset_size=48, max_grad_norm=clip, noise_multiplier=sigma, seed=3, accountant="rdp", target_delta=1e-5)
     make_trainer(tmp_path, [dp], max_steps=2).fit(model, ToyData(n=n, batch_size=batch))
-    assert model.calls == 2  # Lightning's closure ran once per step
+    assert model.calls == 2 + 3  # the closure ran once per step, plus the first step's independence probe (A, A', B)
     delta = torch.cat([(p0 - p1).detach().flatten() for p0, p1 in zip(before, model.parameters())])
     # two steps of pure noise: the sum of two independent N(0, (sigma C / (q N))^2) draws per coordinate
     z = (delta / (math.sqrt(2) * sigma * clip / (n / 6))).double().numpy()
@@ -218,7 +218,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, source: str, seed:
     assert trainer.global_step == 10 and dp_res.steps == dp_full.steps == 10
     assert dp_res.history == dp_full.history
     assert dp_res.get_epsilon() == dp_full.get_epsilon()
-    assert resumed.seen_batch_sizes == full.seen_batch_sizes[4:]  # the same Poisson batches
+    # the same Poisson batches (the uninterrupted run also probed its first batch; the resumed one had been probed)
+    assert resumed.seen_batch_sizes == full.seen_batch_sizes[PROBE_CALLS + 4:]
     for a, b in zip(full.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)  # same noise: bit-identical weights
 
@@ -253,8 +254,10 @@ def test_virtual_steps_equal_the_unsplit_step(tmp_path: Path, mode: str) -> None
         make_trainer(tmp_path, [dp], max_steps=6, precision="64-true").fit(model, ToyData(n=48, batch_size=8))
         runs[max_physical] = (model, dp)
     (whole, dp_whole), (split, dp_split) = runs[None], runs[3]
-    assert max(split.seen_batch_sizes) <= 3 < max(whole.seen_batch_sizes)
-    assert sum(split.seen_batch_sizes) == sum(whole.seen_batch_sizes)
+    probe = PROBE_CALLS if mode != "ghost" else 0  # ghost clipping forms no per-sample gradients to probe
+    split_sizes, whole_sizes = split.seen_batch_sizes[probe:], whole.seen_batch_sizes[probe:]
+    assert max(split_sizes) <= 3 < max(whole_sizes)
+    assert sum(split_sizes) == sum(whole_sizes)
     assert dp_split.steps == dp_whole.steps == 6 and dp_split.history == dp_whole.history
     for a, b in zip(whole.parameters(), split.parameters()):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)

@@ -40,7 +40,9 @@ def test_user_module_trains_privately_from_yaml(tmp_path: Path) -> None:
     fragment = ROOT / "callbacks" / "dp_sgd.yaml"
     proc = run_plpriv(
         ["fit", "-c", str(config), "-c", str(fragment), "--trainer.callbacks.init_args.target_epsilon", "5",
-         "--trainer.callbacks.init_args.accountant", "rdp"],  # rdp: fast; the accountants are tested elsewhere
+         "--trainer.callbacks.init_args.accountant", "rdp",  # rdp: fast; the accountants are tested elsewhere
+         "--trainer.callbacks.init_args.dataset_size", "48",  # the user's public size (add/remove: N itself unread)
+         "--trainer.callbacks.init_args.target_delta", "null"],
         cwd=tmp_path,
         env={"PYTHONPATH": str(ROOT / "tests")},
     )
@@ -51,7 +53,7 @@ def test_user_module_trains_privately_from_yaml(tmp_path: Path) -> None:
     assert len(eps) >= 3 and all(b > a for (_, a), (_, b) in zip(eps, eps[1:]))  # logged, increasing
     assert 0 < eps[-1][1] <= 5.0
     deltas = [float(r["dp/delta"]) for r in rows if r.get("dp/delta")]
-    assert deltas and all(math.isclose(d, 48**-1.1, rel_tol=1e-6) for d in deltas)  # target_delta: null -> 1/N^1.1
+    assert deltas and all(math.isclose(d, 48**-1.1, rel_tol=1e-6) for d in deltas)  # target_delta: null -> 1/dataset_size^1.1
     assert all(math.isclose(float(r["dp/sample_rate"]), 1 / 6, rel_tol=1e-6) for r in rows if r.get("dp/sample_rate"))
     assert (tmp_path / "user" / "dp_sgd" / "dp_epsilon.png").is_file()  # the fragment gives DP runs their own dir
 
