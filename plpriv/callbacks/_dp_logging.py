@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 from lightning.pytorch import Trainer
 
 if TYPE_CHECKING:
-    from plpriv.callbacks.dp_sgd import DPSGD
+    from plpriv.privacy.engine import DPEngine
 
-__all__ = ["dp_metrics", "save_epsilon_plot", "should_update_logs", "start_line", "summary"]
+__all__ = ["dp_metrics", "dropped_metrics_warning", "save_epsilon_plot", "should_update_logs", "start_line", "summary",
+           "unverified_independence_warning"]
 
 
 def should_update_logs(trainer: Trainer) -> bool:
@@ -20,14 +21,14 @@ def should_update_logs(trainer: Trainer) -> bool:
     return bool(getattr(connector, "should_update_logs", True))
 
 
-def dp_metrics(dp: DPSGD) -> dict[str, float]:
+def dp_metrics(dp: DPEngine) -> dict[str, float]:
     """``dp/delta``, ``dp/noise_multiplier``, ``dp/sample_rate`` (the same on every rank; epsilon is logged apart)."""
     return {"dp/delta": float(dp.delta),  # type: ignore[arg-type]
             "dp/noise_multiplier": float(dp.effective_noise_multiplier),  # type: ignore[arg-type]
             "dp/sample_rate": float(dp.sample_rate)}  # type: ignore[arg-type]
 
 
-def start_line(dp: DPSGD) -> str:
+def start_line(dp: DPEngine) -> str:
     """The line at the start of training: the mechanism's constants."""
     return (
         f"DPSGD: sigma={dp.effective_noise_multiplier:.4g}, C={dp.max_grad_norm:g}, q={dp.sample_rate:.4g}, divisor B="
@@ -36,19 +37,19 @@ def start_line(dp: DPSGD) -> str:
     )
 
 
-def summary(dp: DPSGD) -> str:
-    """The end-of-training line: (epsilon, delta) named by the ledger that computed it (its title and class: DP-SGD's
-    or a subclass's mechanism) and its accountant, then the mechanism's constants."""
+def summary(dp: DPEngine) -> str:
+    """The end-of-training line: (epsilon, delta) named by the mechanism whose accountant computed it (its title and
+    class) and the accountant underneath, then the mechanism's constants."""
     ledger = dp.ledger
     return (
         f"DPSGD: {dp.steps} steps, (epsilon, delta) = ({dp.get_epsilon():.4f}, {dp.delta:.3g}) under {dp.adjacency}"
         f" adjacency: {ledger.title} by"
-        f" {type(ledger).__name__} (accountant={ledger.accountant}; sigma={dp.effective_noise_multiplier:.4g},"
+        f" {type(ledger.mechanism).__name__} (accountant={ledger.accountant}; sigma={dp.effective_noise_multiplier:.4g},"
         f" q={dp.sample_rate:.4g}, C={dp.max_grad_norm:g})."
     )
 
 
-def save_epsilon_plot(dp: DPSGD, trainer: Trainer) -> None:
+def save_epsilon_plot(dp: DPEngine, trainer: Trainer) -> None:
     """``dp_epsilon.png`` in the log directory (and to the loggers); nothing without a logger."""
     if not trainer.loggers:
         return
@@ -58,3 +59,15 @@ def save_epsilon_plot(dp: DPSGD, trainer: Trainer) -> None:
     if trainer.is_global_zero:
         save_and_log_figure(trainer, dp.ledger.figure(float(dp.delta), dp.target_epsilon),  # type: ignore[arg-type]
                             "dp_epsilon", directory=directory)
+
+
+def dropped_metrics_warning(names: list[str]) -> str:
+    return (f"DPSGD: dropped {names} logged from training_step: statistics of the private batch are not covered by"
+            " epsilon. Publish them knowingly with DPSGD(log_training_metrics=[...]) (the run then says they are not"
+            " covered), or log them from validation.")
+
+
+def unverified_independence_warning(module: str) -> str:
+    return (f"DPSGD: could not verify that `{module}.training_step` treats the examples of a batch independently (it"
+            " draws randomness the global RNG does not control, so two identical passes differ). Make sure no layer"
+            " or loss mixes examples: DP-SGD's sensitivity bound assumes it.")

@@ -1,12 +1,10 @@
 """DPSGD's Lightning-side set-up: trainer checks that refuse what cannot be accounted exactly, the choice of the
-private optimizer, the wrapper that hands the fit loop a Poisson loader built from the user's loader, and the
-noise/sampling seed with its secret file."""
+private optimizer, the wrapper that hands the fit loop a Poisson loader built from the user's loader, the run's
+artefact folders and the budget-stop checkpoint."""
 
 from __future__ import annotations
 
-import math
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -14,35 +12,30 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from opacus.optimizers import DPOptimizer
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from plpriv.callbacks._dp_training_step import MARK
-from plpriv.privacy.secret_file import read_secret, secret_path, write_secret
-from plpriv.utils.seeding import fresh_seed
 
 if TYPE_CHECKING:
-    from plpriv.callbacks.dp_sgd import DPSGD
-    from plpriv.privacy.poisson import PoissonDataLoader
+    from plpriv.privacy.engine import DPEngine
 
 __all__ = [
-    "budget_dir",
+    "artefact_dirs",
+    "budget_checkpoint",
     "check_poisson_source",
+    "check_resumed_privately",
     "check_trainer",
-    "check_secret_dir",
     "flat_train_loaders",
-    "loader_constants",
     "private_optimizer",
     "replace_optimizer",
-    "resolve_seed",
-    "save_secret",
     "wrap_train_dataloader",
 ]
 
 
-def check_trainer(dp: DPSGD, trainer: Trainer, pl_module: LightningModule) -> None:
+def check_trainer(dp: DPEngine, trainer: Trainer, pl_module: LightningModule) -> None:
     """Refuse, before any work, trainer settings whose mechanism DP-SGD cannot account exactly."""
     if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise ValueError(
@@ -137,23 +130,15 @@ def flat_train_loaders(trainer: Trainer) -> list[Any]:
     return [loaders]
 
 
-def loader_constants(trainer: Trainer, poisson: PoissonDataLoader | None) -> tuple[float, int, float]:
-    """(q per Lightning batch, N, the public global divisor B) of the Poisson loader, else of the fixed-size train
-    loader (each rank sees 1/world_size of the data; its q is the caller's, from public figures: NaN here)."""
-    if poisson is not None:
-        return poisson.sample_rate, len(poisson.dataset), float(poisson.batch_size)  # type: ignore[arg-type]
-    loaders = flat_train_loaders(trainer)
-    if len(loaders) != 1 or not isinstance(loaders[0], DataLoader) or loaders[0].batch_size is None:
-        raise ValueError("DPSGD needs exactly one train DataLoader with a `dataset` and a `batch_size`.")
-    return math.nan, len(loaders[0].dataset), float(loaders[0].batch_size * trainer.world_size)  # type: ignore
-
-
 def wrap_train_dataloader(trainer: Trainer, make: Callable[[Any], Any]) -> Callable[[], None]:
     """Make the fit loop's data source return ``make(user's loader)``; returns the function that undoes it.
 
     The source is the datamodule, else loaders passed to ``fit``, else the module's ``train_dataloader``
     (Lightning's precedence). Hooks become instance attributes (undone in ``teardown``); loaders passed to
-    ``fit`` are only reachable through the fit loop's data source, replaced for the duration of the fit.
+    ``fit`` are only reachable through the fit loop's data source, replaced for the duration of the fit. Lightning
+    has no public hook that transforms the train loader before the fit loop iterates it (and again on every
+    reload), so the wrapper sits at the source; reading the fit loop's private ``_data_source`` is the only way to
+    find which source Lightning will ask.
     """
     source = getattr(trainer.fit_loop, "_data_source", None)
     instance = getattr(source, "instance", None)
@@ -178,55 +163,27 @@ def wrap_train_dataloader(trainer: Trainer, make: Callable[[Any], Any]) -> Calla
     raise ValueError("DPSGD found no train dataloader: pass a datamodule or `train_dataloaders` to `fit`.")
 
 
-def resolve_seed(trainer: Trainer, seed: int | None, run_id: str | None, secret_dir: str | None
-                 ) -> tuple[int, str]:
-    """(seed, run id) of this fit: the user's seed, else the resumed run's from its secret file in ``secret_dir``,
-    else 128 bits of fresh OS entropy (agreed by all ranks). A resumed run without a kept secret draws fresh noise
-    and batches: its epsilon and steps are an uninterrupted run's, its weights are not bit-identical."""
-    note = ""
-    if trainer.is_global_zero and seed is None:
-        if run_id is not None and secret_dir is not None and trainer.ckpt_path:
-            seed = read_secret(secret_dir, run_id)
-            if seed is None:
-                note = (f"DPSGD: no secret file {secret_path(secret_dir, run_id)}: continuing with fresh noise and"
-                        " sampling (accounting unchanged; the resumed run is not bit-identical to an uninterrupted"
-                        " one).")
-        if seed is None:
-            seed = fresh_seed()
-    run_id = run_id or uuid.uuid4().hex
-    if trainer.world_size > 1:
-        seed, run_id = trainer.strategy.broadcast((seed, run_id), src=0)
-    if note:
-        rank_zero_warn(note)
-    return int(seed), str(run_id)  # type: ignore[arg-type]
-
-
-def check_secret_dir(trainer: Trainer, secret_dir: str) -> None:
-    """Refuse a secret directory inside a folder of the run's artefacts (checkpoints, logs, the root dir): those
-    folders get copied and published, and whoever holds the seed can replay the noise and the batches."""
-    target = os.path.realpath(secret_dir)
-    dirs = [cb.dirpath for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
-    dirs += [trainer.default_root_dir] + [lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None)]
-    for d in dirs:
-        root = os.path.realpath(d)
-        if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
-            raise ValueError(
-                f"DPSGD(secret_dir={secret_dir!r}) is inside the run's artefact folder {d!r}, which gets copied and"
-                " published with the checkpoints. Give a private path outside it (e.g. ~/.plpriv/secrets), or"
-                " secret_dir=None (nothing kept; a resumed run draws fresh noise, same epsilon)."
-            )
-
-
-def save_secret(trainer: Trainer, secret_dir: str, run_id: str, seed: int) -> str | None:
-    """Write the secret file into ``secret_dir`` (rank zero); returns its path."""
-    if not trainer.is_global_zero:
-        return None
-    path = str(write_secret(secret_dir, run_id, seed))
-    rank_zero_info(f"DPSGD: the noise and sampling secret is in {path} (owner-only, outside the run folder; it makes"
-                   " resume exact and is deleted when training ends).")
+def budget_checkpoint(trainer: Trainer, steps: int) -> str:
+    """Save the checkpoint of a run stopped by its budget (beside the others, else in ``<log dir>/checkpoints``)."""
+    directory = getattr(trainer.checkpoint_callback, "dirpath", None) or os.path.join(
+        trainer.log_dir or trainer.default_root_dir, "checkpoints")
+    path = os.path.join(directory, f"dp-budget-spent-step={steps}.ckpt")
+    trainer.save_checkpoint(path)
     return path
 
 
-def budget_dir(trainer: Trainer) -> str:
-    return getattr(trainer.checkpoint_callback, "dirpath", None) or os.path.join(
-        trainer.log_dir or trainer.default_root_dir, "checkpoints")
+def artefact_dirs(trainer: Trainer) -> list[str]:
+    """The folders a run writes artefacts into (checkpoints, logs, the root dir): published with the run."""
+    dirs = [cb.dirpath for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    return [*dirs, trainer.default_root_dir, *(lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None))]
+
+
+def check_resumed_privately(trainer: Trainer, has_state: bool, allow_mechanism_change: bool) -> None:
+    """Refuse to resume a checkpoint of steps taken without DPSGD (no DPSGD state in it): epsilon would not cover
+    them; unless ``allow_mechanism_change``."""
+    if trainer.ckpt_path and not has_state and trainer.global_step > 0 and not allow_mechanism_change:
+        raise ValueError(
+            f"DPSGD: {trainer.ckpt_path} was trained for {trainer.global_step} steps without DPSGD; epsilon would"
+            " not cover them. Start from its weights as a new run (no --ckpt_path; e.g. a public pretrained"
+            " model), or set DPSGD(allow_mechanism_change=True) to continue knowingly."
+        )

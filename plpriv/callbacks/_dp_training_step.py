@@ -21,9 +21,9 @@ from plpriv.privacy.independence import IndependenceProbe
 from plpriv.privacy.poisson import split_batch
 
 if TYPE_CHECKING:
-    from plpriv.callbacks.dp_sgd import DPSGD
+    from plpriv.privacy.engine import DPEngine
 
-__all__ = ["MARK", "batch_size_of", "clear_per_sample_state", "guard_training_logs", "wrap_training_step"]
+__all__ = ["MARK", "batch_size_of", "guard_training_logs", "wrap_training_step"]
 
 MARK = "_plpriv_dpsgd_wrapper"
 
@@ -36,14 +36,6 @@ def batch_size_of(batch: Any) -> int:
             return int(extract_batch_size(batch))
     except Exception:
         return -1
-
-
-def clear_per_sample_state(params: list[torch.Tensor]) -> None:
-    """Remove what opacus left on the parameters (summed / per-sample gradients, ghost norms) when the fit ends."""
-    for p in params:
-        for attr in ("summed_grad", "grad_sample", "_norm_sample"):
-            if hasattr(p, attr):
-                delattr(p, attr)
 
 
 def _loss_of(output: Any) -> torch.Tensor:
@@ -97,12 +89,14 @@ def guard_training_logs(pl_module: LightningModule, allowed: tuple[str, ...]) ->
     return guard, lambda: vars(pl_module).pop("training_step", None)
 
 
-def wrap_training_step(dp: DPSGD, trainer: Trainer, pl_module: LightningModule) -> Callable[[], None]:
-    """Install the wrapper on ``pl_module``; returns the function that removes it."""
+def wrap_training_step(dp: DPEngine, trainer: Trainer, pl_module: LightningModule, guard: _LogGuard | None,
+                       on_unverified: Callable[[str], None]) -> Callable[[], None]:
+    """Install the wrapper on ``pl_module``; returns the function that removes it. ``guard`` silences the probe's
+    passes; ``on_unverified`` hears when the probe could not decide (the step's randomness is its own)."""
     original = pl_module.training_step
     if getattr(original, MARK, False):
         return lambda: None
-    optimizer, hooks = dp.dp_optimizer, dp._hooks
+    optimizer, hooks = dp.optimizer, dp.hooks
     max_physical, ghost, clip = dp.max_physical_batch_size, dp.grad_sample_mode == "ghost", dp.max_grad_norm
 
     def run(batch: Any, n: int, args: tuple, kwargs: dict) -> tuple[Any, torch.Tensor, torch.Tensor]:
@@ -147,7 +141,6 @@ def wrap_training_step(dp: DPSGD, trainer: Trainer, pl_module: LightningModule) 
             loss = _loss_of(original(b, *args, **kwargs))
             return loss if loss.dim() == 0 else loss.mean()
 
-        guard = dp.log_guard
         if guard is not None:
             guard.silent = True
         try:
@@ -166,7 +159,7 @@ def wrap_training_step(dp: DPSGD, trainer: Trainer, pl_module: LightningModule) 
                 " instead of batch statistics; per-example augmentation)."
             )
         if result is not None and not result.reproducible:
-            dp.note_unverified_independence(type(pl_module).__name__)
+            on_unverified(type(pl_module).__name__)
 
     @functools.wraps(original)
     def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:

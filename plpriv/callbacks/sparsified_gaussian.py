@@ -49,7 +49,6 @@ with clients: manual optimization and ``max_physical_batch_size``.
 from __future__ import annotations
 
 import functools
-import math
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -58,23 +57,11 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from plpriv.callbacks._dp_training_step import batch_size_of
 from plpriv.callbacks.dp_sgd import DPSGD, PRIVACY_RECORD_KEY
-from plpriv.privacy.sparsified_gaussian import (
-    MASK_SEED_TAG,
-    MASKS,
-    SparsifiedGaussianLedger,
-    check_keep_fraction,
-    clip_rows,
-    draw_masks,
-    effective_keep_fraction,
-    epsilon_lower_bound,
-    pack,
-    unpack,
-)
+from plpriv.privacy.sparsified_gaussian import MASKS, SparsifiedMechanism, check_keep_fraction, epsilon_lower_bound
+from plpriv.privacy.sparsified_step import Sparsifier
 
 __all__ = ["PARTICIPANTS", "SparsifiedGaussian"]
 
@@ -101,205 +88,6 @@ def _empty(batch: Any) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_empty(v) for v in batch)
     return batch
-
-
-@functools.lru_cache(maxsize=16)
-def expected_rank_chunk(expected_batch_size: float, world_size: int, rank: int, dim: int, keep: float
-                        ) -> tuple[float, float]:
-    """(E[clients of ``rank``], E[values it sends]) per step, from public constants only (never N: private).
-
-    The global draw has M participants, taken here as Poisson(B) (the law of a Poisson round of many candidates
-    with the public mean B); the rank keeps positions rank, rank + W, ... of it: m = max(0, ceil((M - rank) / W))
-    clients, whose independent masks (inclusion probability ``keep`` per coordinate) have a union of
-    d (1 - (1 - keep)^m) coordinates in expectation; ``keep >= 1``: no masks, the rank sends its d values even
-    without clients (what ``_exchange`` does).
-    """
-    b = float(expected_batch_size)
-    total = torch.arange(math.ceil(b + 12.0 * math.sqrt(b) + 30.0) + 1, dtype=torch.float64)
-    pmf = (torch.xlogy(total, torch.tensor(b, dtype=torch.float64)) - b - torch.lgamma(total + 1)).exp()
-    m = torch.div(total - rank + world_size - 1, world_size, rounding_mode="floor").clamp(min=0)
-    clients = float((pmf * m).sum())
-    if keep >= 1.0:
-        return clients, float(dim)
-    return clients, float(dim * (pmf * (1.0 - (1.0 - keep) ** m)).sum())
-
-
-class _Sparsifier:
-    """What the optimizer needs each step: participants, masks, aggregation, byte counts (set by the callback).
-
-    ``realised`` holds the last step's realised counts (participants, bytes packed): private (they reveal the
-    Poisson draw), never published; :meth:`public_stats` is what is logged and returned."""
-
-    def __init__(self, dp: SparsifiedGaussian, rank: int, world_size: int, sparse_exchange: bool, dim: int,
-                 elem: int) -> None:
-        self.dp, self.rank, self.world_size, self.sparse_exchange = dp, rank, world_size, sparse_exchange
-        self.dim, self.elem = dim, elem  # public: the private parameters' count and element size
-        self.keys: list[int] | None = None  # clients: the local client ids of this step (set by the client step)
-        self.groups: torch.Tensor | None = None  # clients: participant index of every example
-        self.consumed = 0  # examples: local examples of this step already clipped (virtual steps)
-        self.realised: dict[str, float] = {}  # UNPUBLISHED: the last step's realised counts
-
-    def public_stats(self) -> dict[str, float]:
-        """The comm numbers as public expectations: B, d, element size, gamma (and W, rank under DDP); never N."""
-        dp, dim, elem = self.dp, self.dim, self.elem
-        if dp.expected_batch_size is None or dim <= 0:
-            return {}
-        keep = effective_keep_fraction(dim, dp.keep_fraction, dp.mask)
-        dense = float(dp.expected_batch_size) * dim * elem
-        stats = {"comm/keep_fraction": dp.keep_fraction, "comm/bytes_per_step": dense * keep,
-                 "comm/dense_bytes_per_step": dense, "comm/compression": 1.0 / keep}
-        if self.sparse_exchange:
-            w = self.world_size
-            clients, values = expected_rank_chunk(float(dp.expected_batch_size), w, self.rank, dim,
-                                                  1.0 if dp.keep_fraction >= 1.0 else keep)
-            stats["comm/rank_bytes_sent"] = (w - 1) * (16.0 + 8.0 * clients + elem * values)
-            stats["comm/rank_dense_bytes"] = 2 * (w - 1) / w * dim * elem
-        return stats
-
-    @property
-    def active(self) -> bool:
-        return self.dp.participants == "clients" or self.dp.keep_fraction < 1.0
-
-    def participants(self, n: int) -> tuple[list[int], torch.Tensor | None]:
-        if self.dp.participants == "clients":
-            if self.keys is None or self.groups is None or len(self.groups) != n:
-                raise RuntimeError("SparsifiedGaussian(participants='clients'): the optimizer stepped on a batch the"
-                                   " client step did not build (another forward pass or a second step?).")
-            return self.keys, self.groups
-        start = self.consumed
-        self.consumed += n
-        return [self.rank + self.world_size * (start + i) for i in range(n)], None  # global batch positions
-
-    def masks(self, keys: Sequence[int], dim: int) -> torch.Tensor | None:
-        if self.dp.keep_fraction >= 1.0:
-            return None
-        seeds = [self.dp.derive_seed(MASK_SEED_TAG, self.dp.steps, k) for k in keys]  # = mask_seed(secret, t, k)
-        return draw_masks(dim, self.dp.keep_fraction, seeds, self.dp.mask)
-
-    def aggregate(self, updates: torch.Tensor, keys: list[int]) -> torch.Tensor:
-        """Sum over participants of their clipped, masked updates ([P, d]); records what they send."""
-        dim = updates.shape[1]
-        masks = self.masks(keys, dim)
-        packed = updates.reshape(-1) if masks is None else pack(updates, masks)
-        elem = updates.element_size()
-        stats = {"comm/keep_fraction": self.dp.keep_fraction, "participants": float(len(keys)),  # realised: private
-                 "comm/bytes_per_step": float(packed.numel() * elem),
-                 "comm/dense_bytes_per_step": float(len(keys) * dim * elem)}
-        dense = updates if masks is None else unpack(packed, masks)
-        if self.sparse_exchange:
-            total, stats_ddp = self._exchange(dense.sum(0), keys, masks, elem)
-            stats.update(stats_ddp)
-        else:
-            total = dense.sum(0)
-        if stats["comm/bytes_per_step"]:
-            stats["comm/compression"] = stats["comm/dense_bytes_per_step"] / stats["comm/bytes_per_step"]
-        self.realised = stats  # never published (see public_stats)
-        return total
-
-    def _exchange(self, local: torch.Tensor, keys: list[int], masks: torch.Tensor | None, elem: int
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
-        """DDP with clients: every rank sends the sum of its clients' masked updates on the union of their masks
-        (<= min(clients x gamma, 1) d values) and its client ids; the receivers regenerate the union from the ids'
-        seeds. all_gather (sizes first: tiny), then every rank adds the ranks' parts in rank order."""
-        import torch.distributed as dist
-
-        device, w, dim = local.device, self.world_size, local.numel()
-        union = torch.ones(dim, dtype=torch.bool) if masks is None else masks.any(0)
-        values = local[union.to(device)]
-        meta = torch.tensor([len(keys), values.numel()], dtype=torch.long, device=device)
-        metas = [torch.zeros_like(meta) for _ in range(w)]
-        dist.all_gather(metas, meta)
-        counts, lengths = [int(m[0]) for m in metas], [int(m[1]) for m in metas]
-        key_buf = torch.zeros(max(1, *counts), dtype=torch.long, device=device)  # (no zero-size collectives)
-        key_buf[: len(keys)] = torch.tensor(keys, dtype=torch.long, device=device)
-        val_buf = local.new_zeros(max(1, *lengths))
-        val_buf[: values.numel()] = values
-        all_keys = [torch.zeros_like(key_buf) for _ in range(w)]
-        all_vals = [torch.zeros_like(val_buf) for _ in range(w)]
-        dist.all_gather(all_keys, key_buf)
-        dist.all_gather(all_vals, val_buf)
-        total, kept = local.new_zeros(dim), 0
-        for r in range(w):
-            rank_masks = self.masks([int(k) for k in all_keys[r][: counts[r]]], dim)
-            kept += counts[r] * dim if rank_masks is None else int(rank_masks.sum())
-            rank_union = torch.ones(dim, dtype=torch.bool) if rank_masks is None else rank_masks.any(0)
-            if int(rank_union.sum()) != lengths[r]:
-                raise RuntimeError(f"SparsifiedGaussian: rank {r}'s masks regenerated here differ from its own.")
-            total = total + unpack(all_vals[r][: lengths[r]], rank_union)
-        chunk = meta.numel() * meta.element_size() + key_buf.numel() * 8 + val_buf.numel() * elem
-        return total, {"participants": float(sum(counts)), "comm/bytes_per_step": float(kept * elem),
-                       "comm/dense_bytes_per_step": float(sum(counts) * dim * elem),
-                       "comm/rank_bytes_sent": float((w - 1) * chunk),
-                       "comm/rank_dense_bytes": float(2 * (w - 1) / w * dim * elem)}
-
-
-class _SparsifyingOptimizer:
-    """Mixin over opacus' DPOptimizer / DistributedDPOptimizer: per-participant clipping, masking and the unbiased
-    divisor B gamma. Without participants to group or coordinates to drop, opacus' own code runs (DP-SGD)."""
-
-    sparsifier: _Sparsifier | None = None
-
-    def clip_and_accumulate(self) -> None:
-        sp = self.sparsifier
-        if sp is None or not sp.active:
-            super().clip_and_accumulate()  # type: ignore[misc]
-            if sp is not None:  # realised counts: private, never published (see _Sparsifier.public_stats)
-                n = len(self.grad_samples[0])  # type: ignore[attr-defined]
-                dim = sum(p.numel() for p in self.params)  # type: ignore[attr-defined]
-                elem = self.params[0].element_size()  # type: ignore[attr-defined]
-                sp.realised = {"comm/keep_fraction": 1.0, "participants": float(n),
-                               "comm/bytes_per_step": float(n * dim * elem), "comm/dense_bytes_per_step":
-                               float(n * dim * elem), "comm/compression": 1.0}
-            return
-        params = self.params  # type: ignore[attr-defined]
-        grads = []
-        for p in params:
-            _check_processed_flag(p.grad_sample)
-            grads.append(self._get_flat_grad_sample(p).to(p.dtype))  # type: ignore[attr-defined]
-        n = grads[0].shape[0]
-        flat = torch.cat([g.flatten(1) for g in grads], 1)  # flatten, not reshape(n, -1): n is 0 on empty rounds
-        keys, groups = sp.participants(n)
-        if groups is not None:  # clients: each client's update is the mean gradient over its examples
-            groups = groups.to(flat.device)
-            per = flat.new_zeros((len(keys), flat.shape[1])).index_add_(0, groups, flat)
-            per = per / torch.bincount(groups, minlength=len(keys)).clamp(min=1).to(per.dtype)[:, None]
-        else:
-            per = flat
-        total = sp.aggregate(clip_rows(per, self.max_grad_norm), keys)  # type: ignore[attr-defined]
-        offset = 0
-        for p in params:
-            grad = total[offset: offset + p.numel()].view_as(p)
-            offset += p.numel()
-            p.summed_grad = grad.clone() if p.summed_grad is None else p.summed_grad + grad
-            _mark_as_processed(p.grad_sample)
-
-    def scale_grad(self) -> None:
-        sp = self.sparsifier
-        if sp is not None and sp.sparse_exchange:  # every rank holds the global sum: divide by the global B
-            for p in self.params:  # type: ignore[attr-defined]
-                p.grad /= sp.dp.expected_batch_size * self.accumulated_iterations  # type: ignore[attr-defined]
-        else:
-            super().scale_grad()  # type: ignore[misc]
-        if sp is not None and sp.dp.keep_fraction < 1.0:
-            gamma = effective_keep_fraction(sum(p.numel() for p in self.params), sp.dp.keep_fraction,  # type: ignore
-                                            sp.dp.mask)
-            for p in self.params:  # type: ignore[attr-defined]
-                p.grad /= gamma
-
-    def add_noise(self) -> None:
-        if self.sparsifier is not None and self.sparsifier.sparse_exchange:
-            DPOptimizer.add_noise(self)  # type: ignore[arg-type]  # the same seeded noise on every rank, once
-        else:
-            super().add_noise()  # type: ignore[misc]
-
-    def reduce_gradients(self) -> None:
-        if self.sparsifier is None or not self.sparsifier.sparse_exchange:
-            super().reduce_gradients()  # type: ignore[misc]  # examples under DDP: DP-SGD's dense all-reduce
-
-
-@functools.cache
-def _sparsifying_class(base: type) -> type:
-    return type(f"Sparsifying{base.__name__}", (_SparsifyingOptimizer, base), {})
 
 
 class SparsifiedGaussian(DPSGD):
@@ -362,23 +150,20 @@ class SparsifiedGaussian(DPSGD):
             secure_mode=False, seed=seed, private_optimizers=private_optimizers,
             allow_mechanism_change=allow_mechanism_change, plot=plot, memoize_accounting=memoize_accounting,
             adjacency=adjacency, dataset_size=dataset_size, secret_dir=secret_dir,
-            log_training_metrics=log_training_metrics,
+            log_training_metrics=log_training_metrics, mechanism=SparsifiedMechanism(keep_fraction, mask),
         )
-        self.keep_fraction, self.participants, self.mask = keep_fraction, participants, mask
-        self.ledger = SparsifiedGaussianLedger(keep_fraction, mask, accountant, memoize=memoize_accounting,
-                                               adjacency=adjacency)
-        self._sparsifier: _Sparsifier | None = None
+        self.participants = participants
+        self._sparsifier: Sparsifier | None = None
         self._client_source: Any = None
         self._first_client = 0
 
-    # ------------------------------------------------------------------ DPSGD extension points
-    def dp_optimizer_class(self, trainer: Trainer) -> type[DPOptimizer]:
-        return _sparsifying_class(super().dp_optimizer_class(trainer))
+    @property
+    def keep_fraction(self) -> float:
+        return self.engine.mechanism.keep_fraction
 
-    def on_dp_step(self, optimizer: DPOptimizer) -> None:
-        super().on_dp_step(optimizer)
-        if self._sparsifier is not None:
-            self._sparsifier.consumed, self._sparsifier.keys, self._sparsifier.groups = 0, None, None
+    @property
+    def mask(self) -> str:
+        return self.engine.mechanism.mask
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -392,10 +177,8 @@ class SparsifiedGaussian(DPSGD):
             self._check_clients(trainer, pl_module)
         super().on_train_start(trainer, pl_module)
         sparse = self.participants == "clients" and trainer.world_size > 1
-        params = self.dp_optimizer.params  # type: ignore[union-attr]
-        self._sparsifier = _Sparsifier(self, trainer.global_rank, trainer.world_size, sparse,
-                                       sum(p.numel() for p in params), params[0].element_size() if params else 0)
-        self.dp_optimizer.sparsifier = self._sparsifier  # type: ignore[union-attr]
+        self._sparsifier = self.engine.mechanism.bind_participants(  # clients: re-bound with their participants
+            self.dp_optimizer, self.engine, self.participants, trainer.global_rank, trainer.world_size, sparse)
         if self.participants == "clients":
             self.add_teardown(self._wrap_client_step(pl_module))
         rank_zero_info(f"SparsifiedGaussian: keep_fraction={self.keep_fraction:g} ({self.mask} masks),"
@@ -491,20 +274,16 @@ class SparsifiedGaussian(DPSGD):
                            f" (expected participants B={self.expected_batch_size:g}).")
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "keep_fraction": self.keep_fraction, "participants": self.participants,
-                "mask": self.mask}
+        return {**super().state_dict(), "participants": self.participants}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        changes = [f"{k} {state_dict[k]!r} -> {getattr(self, k)!r}" for k in ("keep_fraction", "participants", "mask")
-                   if k in state_dict and state_dict[k] != getattr(self, k)]
-        if changes:
-            raise ValueError(f"SparsifiedGaussian: the checkpoint was trained with another mechanism"
-                             f" ({'; '.join(changes)}); the accountant cannot compose them. Resume with the"
-                             " checkpoint's settings or start a new run.")
+        if state_dict.get("participants", self.participants) != self.participants:
+            raise ValueError(f"SparsifiedGaussian: the checkpoint was trained with another mechanism (participants"
+                             f" {state_dict['participants']!r} -> {self.participants!r}); the accountant cannot compose"
+                             " them. Resume with the checkpoint's settings or start a new run.")
         super().load_state_dict(state_dict)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if PRIVACY_RECORD_KEY in checkpoint:
-            checkpoint[PRIVACY_RECORD_KEY].update(mechanism="sparsified-gaussian", keep_fraction=self.keep_fraction,
-                                                  participants=self.participants, mask=self.mask)
+            checkpoint[PRIVACY_RECORD_KEY]["participants"] = self.participants

@@ -8,9 +8,8 @@ step; the lookahead is bounded by the run's planned steps (never a million-step 
 ``memoize=True`` shares one process-wide cache of epsilon, calibration and budget results between ledgers: many
 identical short runs in one process (an audit trains hundreds) then pay for each accounting question once.
 
-Other mechanisms with the same history format reuse the ledger by overriding :meth:`EpsilonLedger.compute_epsilon`
-and :meth:`EpsilonLedger.compute_calibration` and naming themselves in :attr:`EpsilonLedger.mechanism_key` (part of
-every cache key), e.g. :class:`plpriv.privacy.sparsified_gaussian.SparsifiedGaussianLedger`.
+Epsilon and calibration are the ledger's :class:`~plpriv.privacy.mechanisms.Mechanism`'s (its accountant; DP-SGD's
+Gaussian by default), named in every cache key; the adjacency (add/remove or replace-one) is the ledger's.
 """
 
 from __future__ import annotations
@@ -23,15 +22,8 @@ from typing import Any
 import numpy as np
 
 from plpriv.privacy.adjacency import ADJACENCIES, replace_one_epsilon
-from plpriv.privacy.accounting import (
-    ACCOUNTANTS,
-    History,
-    calibrate_noise_multiplier,
-    epsilon,
-    extend_history,
-    max_steps_within_budget,
-    num_steps,
-)
+from plpriv.privacy.accounting import ACCOUNTANTS, History, extend_history, max_steps_within_budget, num_steps
+from plpriv.privacy.mechanisms import GaussianMechanism, Mechanism
 
 __all__ = ["EpsilonLedger", "truncate_history"]
 
@@ -61,15 +53,15 @@ class EpsilonLedger:
             add/remove steps, :func:`plpriv.privacy.adjacency.replace_one_epsilon`).
     """
 
-    title = "DP-SGD epsilon"
-
-    def __init__(self, accountant: str = "prv", *, memoize: bool = False, adjacency: str = "add_remove") -> None:
+    def __init__(self, accountant: str = "prv", *, memoize: bool = False, adjacency: str = "add_remove",
+                 mechanism: Mechanism | None = None) -> None:
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"`accountant` must be one of {ACCOUNTANTS}, got {accountant!r}.")
         if adjacency not in ADJACENCIES:
             raise ValueError(f"`adjacency` must be one of {ADJACENCIES}, got {adjacency!r}.")
         self.accountant = accountant
         self.adjacency = adjacency
+        self.mechanism = GaussianMechanism() if mechanism is None else mechanism
         self.memoize = bool(memoize)
         self.history: History = []
         self.curve: list[tuple[int, float]] = []  # (steps, epsilon) at the run's delta, for the figure
@@ -88,23 +80,27 @@ class EpsilonLedger:
 
     # ------------------------------------------------------------------ accounting (the mechanism's)
     @property
+    def title(self) -> str:
+        return self.mechanism.title
+
+    @property
     def mechanism_key(self) -> tuple:
-        """What the cached results depend on besides the question: the accountant (subclasses add their mechanism)."""
-        return (self.accountant,)
+        """What the cached results depend on besides the question: the accountant and the mechanism."""
+        return (self.accountant, *self.mechanism.key)
+
+    def compute_epsilon(self, history: History, delta: float) -> float:
+        """Epsilon of ``history`` at ``delta`` (uncached, add/remove): the mechanism's accountant."""
+        return self.mechanism.epsilon(history, delta, self.accountant)
+
+    def compute_calibration(self, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+        """Smallest noise multiplier of ``steps`` steps at ``sample_rate`` within ``target_epsilon`` (uncached)."""
+        return self.mechanism.calibrate(target_epsilon, delta, sample_rate, steps, self.accountant)
 
     def adjacent_epsilon(self, history: History, delta: float) -> float:
         """Epsilon of ``history`` at ``delta`` under the ledger's adjacency (uncached)."""
         if self.adjacency == "add_remove":
             return self.compute_epsilon(history, delta)
         return replace_one_epsilon(lambda d: self.compute_epsilon(history, d), delta)
-
-    def compute_epsilon(self, history: History, delta: float) -> float:
-        """Epsilon of ``history`` at ``delta`` (uncached): the Poisson-subsampled Gaussian by opacus' accountant."""
-        return epsilon(history, delta, self.accountant)
-
-    def compute_calibration(self, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-        """Smallest noise multiplier of ``steps`` steps at ``sample_rate`` within ``target_epsilon`` (uncached)."""
-        return calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, self.accountant)
 
     # ------------------------------------------------------------------ accounting (cached)
     def _memo(self, key: tuple, compute: Any) -> Any:

@@ -71,11 +71,28 @@ import numpy as np
 import torch
 from opacus.accountants import IAccountant
 from opacus.accountants.analysis.rdp import get_privacy_spent
+from opacus.optimizers import DPOptimizer
 from scipy.special import gammaln, logsumexp
 
 from plpriv.privacy.accounting import ACCOUNTANTS, History, calibrate_noise_multiplier, epsilon, extend_history
 from plpriv.privacy.ledger import EpsilonLedger
-from plpriv.utils.seeding import derive_seed
+from plpriv.privacy.mechanisms import Mechanism
+from plpriv.privacy.sparsified_step import (  # re-exported: the masks are part of this module's public API
+    MASK_SEED_TAG,
+    MASKS,
+    Sparsifier,
+    check_keep_fraction,
+    check_mask,
+    clip_rows,
+    draw_mask,
+    draw_masks,
+    effective_keep_fraction,
+    kept_count,
+    mask_seed,
+    pack,
+    sparsifying_class,
+    unpack,
+)
 
 __all__ = [
     "MASK_SEED_TAG",
@@ -83,6 +100,7 @@ __all__ = [
     "SparsifiedGaussianAccountant",
     "SparsifiedGaussianLedger",
     "SparsifiedGaussianMechanism",
+    "SparsifiedMechanism",
     "SparsifiedRelease",
     "check_keep_fraction",
     "draw_mask",
@@ -101,85 +119,10 @@ __all__ = [
     "unpack",
 ]
 
-MASKS = ("bernoulli", "k_subset")
 ORDERS = np.array([*range(2, 129), 160, 192, 256, 320, 384, 512], dtype=float)  # integer orders only ([B]-[D])
 
 
-def check_keep_fraction(keep_fraction: Any) -> float:
-    """``keep_fraction`` as a float in (0, 1], or a ValueError that names the value."""
-    if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)) or not (
-        math.isfinite(keep_fraction) and 0.0 < keep_fraction <= 1.0
-    ):
-        raise ValueError(f"`keep_fraction` must be in (0, 1] (the fraction of coordinates each participant sends),"
-                         f" got {keep_fraction!r}.")
-    return float(keep_fraction)
-
-
-def _check_mask(mask: str) -> str:
-    if mask not in MASKS:
-        raise ValueError(f"`mask` must be one of {MASKS}, got {mask!r}.")
-    return mask
-
-
-# --------------------------------------------------------------------------------------------------- masks
-MASK_SEED_TAG = "sparsified-mask"  # the purpose tag of mask seeds in derive_seed
-
-
-def mask_seed(seed: int, step: int, key: int) -> int:
-    """Seed of the mask of participant ``key`` (a client id, or an example's position in the global batch) at
-    ``step``: a function of the run's secret seed and public indices only, so every rank (and the aggregator)
-    regenerates it and indices are never sent; never stored (it is as secret as the noise)."""
-    return derive_seed(int(seed), MASK_SEED_TAG, int(step), int(key))
-
-
-def kept_count(dim: int, keep_fraction: float) -> int:
-    """k of a ``k_subset`` mask: round(gamma d), at least 1."""
-    return max(1, min(int(dim), int(round(keep_fraction * dim))))
-
-
-def draw_mask(dim: int, keep_fraction: float, seed: int, kind: str = "bernoulli") -> torch.Tensor:
-    """Boolean mask of ``dim`` coordinates from ``seed`` (CPU generator: the same on every machine and rank)."""
-    g = torch.Generator().manual_seed(int(seed))
-    if kind == "bernoulli":
-        return torch.rand(dim, generator=g, dtype=torch.float64) < keep_fraction
-    if kind == "k_subset":
-        mask = torch.zeros(dim, dtype=torch.bool)
-        mask[torch.randperm(dim, generator=g)[: kept_count(dim, keep_fraction)]] = True
-        return mask
-    raise ValueError(f"`mask` must be one of {MASKS}, got {kind!r}.")
-
-
-def draw_masks(dim: int, keep_fraction: float, seeds: Sequence[int], kind: str = "bernoulli") -> torch.Tensor:
-    """``[len(seeds), dim]`` boolean masks, one per seed."""
-    if not len(seeds):
-        return torch.zeros((0, dim), dtype=torch.bool)
-    return torch.stack([draw_mask(dim, keep_fraction, s, kind) for s in seeds])
-
-
-def pack(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """The kept values of each row, row after row (what the participants send)."""
-    return values[masks.to(values.device)]
-
-
-def unpack(packed: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack`: rows of zeros with the kept values back in place."""
-    out = packed.new_zeros(masks.shape)
-    out[masks.to(packed.device)] = packed
-    return out
-
-
-def effective_keep_fraction(dim: int, keep_fraction: float, kind: str) -> float:
-    """The inclusion probability of a coordinate: gamma (Bernoulli) or k / d (k-subset); the unbiased divisor."""
-    return kept_count(dim, keep_fraction) / dim if kind == "k_subset" else keep_fraction
-
-
 # --------------------------------------------------------------------------------------------------- mechanism
-def clip_rows(x: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """Each row times min(1, C / (||row|| + 1e-6)) (opacus' flat clipping rule)."""
-    factor = (max_norm / (x.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
-    return x * factor[:, None]
-
-
 @dataclass
 class SparsifiedRelease:
     total: torch.Tensor  # Y: masked clipped sum plus noise, [d]
@@ -203,7 +146,7 @@ class SparsifiedGaussianMechanism:
 
     def __post_init__(self) -> None:
         self.keep_fraction = check_keep_fraction(self.keep_fraction)
-        _check_mask(self.mask)
+        check_mask(self.mask)
 
     def release(self, x: torch.Tensor, seeds: Sequence[int], generator: torch.Generator | None = None,
                 clip: bool = True) -> SparsifiedRelease:
@@ -321,7 +264,7 @@ def sparsified_history_epsilon(history: History, delta: float, keep_fraction: fl
     """Epsilon at ``delta`` of an opacus-format history ``[(noise_multiplier, sample_rate, steps)]`` of sparsified
     Gaussian steps with ``keep_fraction``: DP-SGD's ``accountant`` epsilon at keep_fraction 1 (or for ``k_subset``
     masks, which get no amplification here), else the smaller of it and the RDP bound (module docstring)."""
-    keep_fraction, mask = check_keep_fraction(keep_fraction), _check_mask(mask)
+    keep_fraction, mask = check_keep_fraction(keep_fraction), check_mask(mask)
     history = [(float(s), float(q), int(k)) for s, q, k in history if int(k) > 0]
     dpsgd = epsilon(history, delta, accountant)
     if keep_fraction == 1.0 or mask == "k_subset" or not history:
@@ -357,7 +300,7 @@ def sparsified_gaussian_noise_multiplier(target_epsilon: float, delta: float, sa
     """Smallest noise multiplier (to ``tolerance`` in epsilon) whose ``steps`` steps spend at most
     ``target_epsilon``: the inverse of :func:`sparsified_gaussian_epsilon`. Its epsilon is a minimum of two bounds,
     each decreasing in sigma, so the answer is the smaller of the two calibrations."""
-    keep_fraction, mask = check_keep_fraction(keep_fraction), _check_mask(mask)
+    keep_fraction, mask = check_keep_fraction(keep_fraction), check_mask(mask)
     if steps <= 0:
         raise ValueError(f"`steps` must be positive to calibrate the noise, got {steps!r}.")
     def dpsgd_sigma() -> float:
@@ -390,7 +333,7 @@ class SparsifiedGaussianAccountant(IAccountant):
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"`accountant` must be one of {ACCOUNTANTS}, got {accountant!r}.")
         self.keep_fraction = check_keep_fraction(keep_fraction)
-        self.mask = _check_mask(mask)
+        self.mask = check_mask(mask)
         self.accountant = accountant
 
     def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
@@ -419,24 +362,59 @@ class SparsifiedGaussianAccountant(IAccountant):
         super().load_state_dict(state_dict)
 
 
-class SparsifiedGaussianLedger(EpsilonLedger):
-    """:class:`~plpriv.privacy.ledger.EpsilonLedger` (cache, prefetch, curve, budget) for sparsified Gaussian steps."""
+class SparsifiedMechanism(Mechanism):
+    """The DP engine's sparsified Gaussian mechanism: every participant's clipped update keeps a random ``keep_fraction``
+    of its coordinates (``mask``) before the sum; accounted by :class:`SparsifiedGaussianAccountant` (module
+    docstring). The masking optimizer is :mod:`plpriv.privacy.sparsified_step`'s."""
 
+    name = "sparsified-gaussian"
     title = "sparsified Gaussian epsilon"
+
+    def __init__(self, keep_fraction: float, mask: str = "bernoulli") -> None:
+        self.keep_fraction = check_keep_fraction(keep_fraction)
+        self.mask = check_mask(mask)
+
+    def optimizer_class(self, base: type[DPOptimizer]) -> type[DPOptimizer]:
+        return sparsifying_class(base)
+
+    def bind(self, optimizer: DPOptimizer, engine: Any, rank: int, world_size: int) -> None:
+        """Example-level masks on the engine's optimizer (each example keyed by its position in the global batch);
+        client-level runs re-bind with their participants (see :class:`plpriv.callbacks.SparsifiedGaussian`)."""
+        self.bind_participants(optimizer, engine, "examples", rank, world_size, sparse_exchange=False)
+
+    def bind_participants(self, optimizer: DPOptimizer, engine: Any, participants: str, rank: int, world_size: int,
+                          sparse_exchange: bool) -> Sparsifier:
+        dim = sum(p.numel() for p in optimizer.params)
+        elem = optimizer.params[0].element_size() if optimizer.params else 4
+        sparsifier = Sparsifier(engine, self.keep_fraction, self.mask, participants, rank, world_size,
+                                sparse_exchange, dim, elem)
+        optimizer.sparsifier = sparsifier  # type: ignore[attr-defined]  # the mixin's own attribute
+        return sparsifier
+
+    def accountant(self, accountant: str = "prv") -> SparsifiedGaussianAccountant:
+        return SparsifiedGaussianAccountant(self.keep_fraction, self.mask, accountant)
+
+    def epsilon(self, history: History, delta: float, accountant: str = "prv") -> float:
+        return sparsified_history_epsilon(history, delta, self.keep_fraction, accountant, self.mask)
+
+    def calibrate(self, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                  accountant: str = "prv") -> float:
+        return sparsified_gaussian_noise_multiplier(target_epsilon, delta, sample_rate, self.keep_fraction, steps,
+                                                    accountant, self.mask)
+
+    @property
+    def key(self) -> tuple:
+        return (self.name, self.keep_fraction, self.mask)
+
+    def record(self) -> dict[str, Any]:
+        return {"mechanism": self.name, "keep_fraction": self.keep_fraction, "mask": self.mask}
+
+
+class SparsifiedGaussianLedger(EpsilonLedger):
+    """:class:`~plpriv.privacy.ledger.EpsilonLedger` (cache, prefetch, curve, budget) of :class:`SparsifiedMechanism`."""
 
     def __init__(self, keep_fraction: float, mask: str = "bernoulli", accountant: str = "prv", *,
                  memoize: bool = False, adjacency: str = "add_remove") -> None:
-        super().__init__(accountant, memoize=memoize, adjacency=adjacency)
-        self.keep_fraction = check_keep_fraction(keep_fraction)
-        self.mask = _check_mask(mask)
-
-    @property
-    def mechanism_key(self) -> tuple:
-        return (self.accountant, "sparsified", self.keep_fraction, self.mask)
-
-    def compute_epsilon(self, history: History, delta: float) -> float:
-        return sparsified_history_epsilon(history, delta, self.keep_fraction, self.accountant, self.mask)
-
-    def compute_calibration(self, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-        return sparsified_gaussian_noise_multiplier(target_epsilon, delta, sample_rate, self.keep_fraction, steps,
-                                                    self.accountant, self.mask)
+        super().__init__(accountant, memoize=memoize, adjacency=adjacency,
+                         mechanism=SparsifiedMechanism(keep_fraction, mask))
+        self.keep_fraction, self.mask = self.mechanism.keep_fraction, self.mechanism.mask

@@ -44,7 +44,7 @@ def _pld(*parts: tuple[float, float, int], delta: float = 1e-5) -> float:
 # --------------------------------------------------------------------------- 1. the checkpoint holds no secret
 def _record_fresh_seeds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Spy on the OS-entropy draw of DPSGD's secret seed (the test's only way to know it)."""
-    import plpriv.callbacks._dp_setup as setup
+    import plpriv.utils.seeding as seeding
 
     drawn: list[int] = []
 
@@ -52,7 +52,7 @@ def _record_fresh_seeds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         drawn.append(fresh_seed())
         return drawn[-1]
 
-    monkeypatch.setattr(setup, "fresh_seed", spy)
+    monkeypatch.setattr(seeding, "fresh_seed", spy)
     return drawn
 
 
@@ -263,16 +263,16 @@ def test_parameter_with_gradient_but_no_per_sample_gradient_is_refused(tmp_path:
 
 # --------------------------------------------------------------------------- 9. epsilon prefetch is bounded
 def test_epsilon_prefetch_never_looks_past_the_planned_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import plpriv.privacy.ledger as ledger
+    import plpriv.privacy.mechanisms as mechanisms
 
     asked: list[int] = []
-    real = ledger.epsilon
+    real = mechanisms.epsilon
 
     def spy(history: Any, delta: float, mechanism: str = "prv") -> float:
         asked.append(sum(k for _, _, k in history))
         return real(history, delta, mechanism)
 
-    monkeypatch.setattr(ledger, "epsilon", spy)
+    monkeypatch.setattr(mechanisms, "epsilon", spy)
     dp = DPSGD(dataset_size=48, max_grad_norm=1.0, noise_multiplier=1.0, seed=0, target_delta=1e-5)
     _trainer(tmp_path, [dp], max_steps=1, log_every_n_steps=10**6).fit(ToyClassifier(), ToyData())
     dp.get_epsilon()

@@ -260,7 +260,7 @@ def test_end_of_training_line_names_the_sparsified_accountant(tmp_path: Path, ca
     dpsgd = RDPAccountant()
     dpsgd.history = list(sg.history)
     assert sg.get_epsilon() < dpsgd.get_epsilon(1e-5)  # not DP-SGD's rdp epsilon: the masks amplify
-    assert f"{sg.get_epsilon():.4f}" in line and "sparsified Gaussian" in line and "SparsifiedGaussianLedger" in line
+    assert f"{sg.get_epsilon():.4f}" in line and "sparsified Gaussian" in line and "SparsifiedMechanism" in line
 
 
 # --------------------------------------------------------------------------- refusals

@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 from plpriv.callbacks import SparsifiedGaussian
-from plpriv.callbacks.sparsified_gaussian import expected_rank_chunk
+from plpriv.privacy.sparsified_step import expected_rank_chunk
 from plpriv.data import FederatedDigits
 
 PER_CLIENT = 2

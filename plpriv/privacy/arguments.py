@@ -1,22 +1,23 @@
-"""DPSGD's eager argument checks (Lightning's style: each message names the bad value and what to do), and what
-two arguments imply at set-up: the warning for a fixed seed, the secure generator."""
+"""The DP engine's eager argument checks (each message names the bad value and what to do), and what two arguments
+imply at set-up: the warning for a fixed seed, the secure generator (no Lightning imports)."""
 
 from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from plpriv.privacy.adjacency import ADJACENCIES, public_rate
 
 __all__ = [
-    "ADJACENCIES",
     "check_adjacency",
     "check_dataset_size",
     "check_metric_names",
     "check_physical_batch_size",
+    "check_public_size",
     "check_rates",
     "check_secure_mode",
     "check_seed",
@@ -38,9 +39,6 @@ def number(name: str, value: Any, *, allow_zero: bool = False, allow_none: bool 
     return float(value)
 
 
-ADJACENCIES = ("add_remove", "replace_one")
-
-
 def check_adjacency(adjacency: Any) -> str:
     if adjacency not in ADJACENCIES:
         raise ValueError(f"`adjacency` must be one of {ADJACENCIES}, got {adjacency!r}.")
@@ -60,6 +58,20 @@ def check_metric_names(names: Any) -> tuple[str, ...]:
     if any(not isinstance(n, str) or not n for n in names):
         raise ValueError(f"`log_training_metrics` must be a list of metric names, got {names!r}.")
     return tuple(names)
+
+
+def check_public_size(adjacency: Any, dataset_size: Any, sample_rate: float | None, target_delta: float | None
+                      ) -> tuple[str, int | None]:
+    """Under add/remove the data set size is private: q and delta need public figures (refused otherwise)."""
+    adjacency, dataset_size = check_adjacency(adjacency), check_dataset_size(dataset_size)
+    if adjacency == "add_remove" and sample_rate is None and dataset_size is None:
+        public_rate(1, 1, adjacency)  # raises, naming the fix
+    if adjacency == "add_remove" and target_delta is None and dataset_size is None:
+        raise ValueError(
+            "DPSGD(adjacency='add_remove'): the default delta 1/N^1.1 would publish the private data set size N."
+            " Give `target_delta` (e.g. 1e-5), or `dataset_size=<a public figure>` to derive it from."
+        )
+    return adjacency, dataset_size
 
 
 def check_physical_batch_size(value: Any) -> None:
@@ -99,9 +111,9 @@ def secure_generator() -> torch.Generator:
     return importlib.import_module("torchcsprng").create_random_device_generator("/dev/urandom")
 
 
-def warn_fixed_seed(seed: int | None) -> None:
+def warn_fixed_seed(seed: int | None, warn: Callable[[str], None]) -> None:
     if seed is not None:
-        rank_zero_warn(
+        warn(
             f"DPSGD(seed={seed}): noise and sampling are replayable by anyone who knows the seed (it is in"
             " your config). Use seed=None for a run whose privacy you report."
         )
