@@ -19,3 +19,10 @@ from plpriv.privacy.poisson import sampler_support
 from plpriv.privacy.secret_file import read_secret, secret_path, write_secret
 from plpriv.privacy.validation import check_loss_modules, fix_modules, private_roots, validate_modules
 from plpriv.privacy.sparsified_gaussian import SparsifiedGaussianAccountant, SparsifiedGaussianMechanism, sparsified_gaussian_epsilon
+from plpriv.privacy.adjacency import ADJACENCIES, PublicRate, public_rate, replace_one_epsilon
+from plpriv.privacy.contract import PrivateTraining, PrivateTrainingAware, PublicBatch, find_private_training
+from plpriv.privacy.engine import DPEngine
+from plpriv.privacy.independence import IndependenceProbe
+from plpriv.privacy.mechanisms import GaussianMechanism, Mechanism
+from plpriv.privacy.sparsified_gaussian import SparsifiedMechanism
+from plpriv.privacy.world import World

@@ -9,18 +9,39 @@ left in *this* fit from its own starting step: a second fit with the same engine
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from plpriv.privacy.engine import DPEngine, World
+from plpriv.privacy.ledger import EpsilonLedger
+from plpriv.privacy.world import World
 
-__all__ = ["BudgetPlan"]
+__all__ = ["BudgetPlan", "Budgeted"]
+
+
+class Budgeted(Protocol):
+    """What the plan reads of a run (:class:`plpriv.privacy.engine.DPEngine`); it writes ``sample_rate`` only."""
+
+    noise_multiplier: float | None
+    effective_noise_multiplier: float | None
+    target_epsilon: float | None
+    delta: float | None
+    sample_rate: float | None
+    accountant: str
+    stop_on_budget: bool
+    ledger: EpsilonLedger
+    info: Callable[[str], None]
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]: ...
+
+    @property
+    def steps(self) -> int: ...
 
 
 class BudgetPlan:
     """Sigma calibration and the step after which ``engine``'s budget is spent (``None``: the plan fits)."""
 
-    def __init__(self, engine: DPEngine) -> None:
+    def __init__(self, engine: Budgeted) -> None:
         self.engine = engine
         self.planned = math.inf  # the fit's planned optimizer steps (trainer's estimate)
         self.end: int | None = None  # the step count after which the budget is spent

@@ -20,7 +20,6 @@ import os
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,22 +47,10 @@ from plpriv.privacy.mechanisms import GaussianMechanism, Mechanism
 from plpriv.privacy.per_sample import GRAD_SAMPLE_MODES, PerSampleHooks
 from plpriv.privacy.poisson import PoissonDataLoader, sampler_support
 from plpriv.privacy.secret_file import read_secret, secret_path, write_secret
+from plpriv.privacy.world import World
 from plpriv.utils import seeding
 
 __all__ = ["DPEngine", "World"]
-
-
-@dataclass(frozen=True)
-class World:
-    """This process' place in the run: rank, world size and a broadcast from rank zero (identity alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-    broadcast: Callable[[Any], Any] = lambda value: value
-
-    @property
-    def is_zero(self) -> bool:
-        return self.rank == 0
 
 
 class DPEngine:
