@@ -13,7 +13,7 @@ from plpriv.modules.unlearning.evaluation import loss_threshold_mia, predict
 
 # per method: settings strong enough to act within 2 tiny epochs
 TINY = {"Retrain": {"epochs": 2, "lr": 0.05}, "FT": {"epochs": 2, "lr": 0.05}, "GA": {"epochs": 2, "lr": 0.01},
-        "RL": {"epochs": 2, "lr": 0.05}, "l1-sparse": {"epochs": 2, "lr": 0.05}, "SalUn": {"epochs": 2, "lr": 0.05},
+        "RL": {"epochs": 2, "lr": 0.05}, "l1-sparse": {"epochs": 3, "lr": 0.05}, "SalUn": {"epochs": 2, "lr": 0.05},
         "SCRUB": {"epochs": 2, "lr": 0.02, "max_epochs": 2}, "HD": {"epochs": 2, "lr": 0.05},
         "COLA": {"epochs": 2, "collapse_epochs": 1, "lr": 0.05}}
 
