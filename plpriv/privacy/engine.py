@@ -128,6 +128,7 @@ class DPEngine:
         self.loaded: dict[str, Any] | None = None  # the checkpoint's state until the run starts
         self._seed: int | None = None
         self._batch_rate = 0.0  # q per loader batch (without accumulation)
+        self._accumulate = 1  # loader batches per optimizer step (fixed-size batches only)
         self._generator: torch.Generator | None = None
         self._secure_rng: torch.Generator | None = secure_generator() if self.secure_mode else None
 
@@ -156,8 +157,8 @@ class DPEngine:
         """The public batch constants for modules and callbacks (:mod:`plpriv.privacy.contract`)."""
         if self.expected_batch_size is None or self.sample_rate is None:
             return None
-        return PublicBatch(float(self.expected_batch_size), float(self.sample_rate), self.max_physical_batch_size,
-                           self.adjacency)
+        per_step = float(self.expected_batch_size) * self._accumulate  # opacus divides by B x accumulated batches
+        return PublicBatch(per_step, float(self.sample_rate), self.max_physical_batch_size, self.adjacency)
 
     def derive_seed(self, *parts: int | str) -> int:
         """A seed derived from the secret seed and public ``parts``: as secret as the noise, never log or store it."""
@@ -249,6 +250,7 @@ class DPEngine:
             self._batch_rate = self.public_rate.sample_rate
         if self.optimizer is not None:
             self.optimizer.expected_batch_size = self.expected_batch_size / world_size
+        self._accumulate = int(accumulate)
         self.sample_rate = self.step_rate(accumulate)
 
     def step_rate(self, accumulate: int) -> float:

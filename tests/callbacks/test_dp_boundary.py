@@ -5,6 +5,7 @@ privacy profile, google dp-accounting's PLD, the sampler's support."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 from pathlib import Path
@@ -268,3 +269,30 @@ def test_sampler_subclasses_are_refused_unless_they_declare_the_whole_set(tmp_pa
                  max_steps=1).fit(ToyClassifier(), train_dataloaders=DataLoader(dataset, batch_size=8,
                                                                                sampler=inherited(dataset)))
     assert np.isfinite(dp.get_epsilon(1e-5))
+
+
+# --------------------------------------------------------------------------- the module's public batch
+class _Aware(ToyClassifier):
+    """Implements the public-batch contract: records what DPSGD tells it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: list[Any] = []
+
+    def configure_private_training(self, batch: Any) -> None:
+        self.told.append(batch)
+
+
+@pytest.mark.parametrize(("poisson", "accumulate"), [(True, 1), (False, 2)])
+def test_module_is_told_the_public_batch_per_optimizer_step(tmp_path: Path, poisson: bool, accumulate: int) -> None:
+    """B per optimizer step is what opacus divides by: the loader's batch_size x accumulated batches."""
+    model = _Aware()
+    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, dataset_size=48, seed=0,
+               poisson_sampling=poisson)
+    kwargs = {} if poisson else {"accumulate_grad_batches": accumulate}
+    with pytest.warns(UserWarning, match="approximation") if not poisson else contextlib.nullcontext():
+        _trainer(tmp_path, [dp], max_steps=2, **kwargs).fit(model, ToyData(n=48, batch_size=8))
+    first, last = model.told[0], model.told[-1]
+    assert first.expected_batch_size == 8 * accumulate and first.sample_rate == pytest.approx(8 * accumulate / 48)
+    assert first.adjacency == "add_remove" and last is None  # told None when the fit ends
+    assert dp.dp_optimizer is None and dp.steps == 2
