@@ -31,7 +31,8 @@ def dp_metrics(dp: DPEngine) -> dict[str, float]:
 def start_line(dp: DPEngine) -> str:
     """The line at the start of training: the mechanism's constants."""
     return (
-        f"DPSGD: sigma={dp.effective_noise_multiplier:.4g}, C={dp.max_grad_norm:g}, q={dp.sample_rate:.4g}, divisor B="
+        f"DPSGD: {dp.mechanism.name}, sigma={dp.effective_noise_multiplier:.4g}, C={dp.max_grad_norm:g},"
+        f" q={dp.sample_rate:.4g}, divisor B="
         f"{dp.expected_batch_size:g}, delta={dp.delta:.3g}, {dp.adjacency} adjacency, accountant={dp.accountant},"
         f" {'Poisson' if dp.poisson_sampling else 'fixed-size'} batches, grad_sample_mode={dp.grad_sample_mode}."
     )

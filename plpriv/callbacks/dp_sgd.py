@@ -86,7 +86,7 @@ from plpriv.callbacks._dp_setup import (
 )
 from plpriv.callbacks._dp_training_step import batch_size_of, guard_training_logs, wrap_training_step
 from plpriv.privacy.arguments import check_metric_names, private_optimizer_index, warn_fixed_seed
-from plpriv.privacy.contract import PrivateTrainingAware, PublicBatch
+from plpriv.privacy.contract import PrivateTrainingAware
 from plpriv.privacy.engine import DPEngine, World
 from plpriv.privacy.mechanisms import Mechanism
 from plpriv.privacy.poisson import PoissonDataLoader
