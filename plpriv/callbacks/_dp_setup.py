@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from plpriv.callbacks._dp_training_step import MARK
+from plpriv.privacy.contract import PrivateTrainingAware
 
 if TYPE_CHECKING:
     from plpriv.privacy.engine import DPEngine
@@ -56,7 +57,8 @@ def check_trainer(dp: DPEngine, trainer: Trainer, pl_module: LightningModule) ->
     name = type(pl_module).__name__
     if is_overridden("configure_gradient_clipping", pl_module):
         rank_zero_warn(f"DPSGD: `{name}.configure_gradient_clipping` sees the non-private gradient; no effect.")
-    if is_overridden("on_before_optimizer_step", pl_module):
+    if is_overridden("on_before_optimizer_step", pl_module) and not isinstance(pl_module, PrivateTrainingAware):
+        # a module that implements the public-batch contract declares its hooks DP-aware (EDM: per-sample clean-up)
         rank_zero_warn(
             f"DPSGD: `{name}.on_before_optimizer_step` runs on the NON-private batch gradient (before per-sample"
             " clipping and noise, which then replace it): logging or using it is not covered by the DP guarantee."

@@ -15,7 +15,8 @@ only on ``(global_step, batch_idx)`` would repeat itself across the chunks of on
 A private-training callback (e.g. :class:`plpriv.callbacks.DPSGD`) implements :class:`PrivateTraining`; a module
 that has schedules to adapt implements :class:`PrivateTrainingAware` and is told the public constants through
 :meth:`PrivateTrainingAware.configure_private_training` before the first step (again whenever they change, and with
-``None`` when the fit ends). Other callbacks find the private-training callback among ``trainer.callbacks`` with
+``None`` when the fit ends); implementing it declares the module's hooks DP-aware (e.g. an ``on_before_optimizer_step``
+that touches per-sample gradients only and publishes nothing). Other callbacks find the private-training callback among ``trainer.callbacks`` with
 :func:`find_private_training` and refuse (or restrict themselves to public data) when there is one.
 """
 
