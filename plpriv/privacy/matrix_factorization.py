@@ -36,8 +36,12 @@ is ONE Gaussian mechanism with L2 sensitivity ``sens * clip`` and noise std ``si
 sigma in Gaussian DP (Dong, Roth, Su 2019). Epsilon at delta is the exact analytic Gaussian mechanism's (Balle &
 Wang 2018, Thm 8, Eq. AG) or, on request, opacus' RDP of the Gaussian at q = 1 composed once (Mironov 2017, RDP
 alpha * sens^2 / (2 sigma^2), converted by opacus' ``get_privacy_spent``). No amplification by sampling: the
-participation schema is what the sensitivity encodes, not the sample rate. Adjacency: add/remove one participant
-(a participant's rows of G change by at most clip each), like the other plpriv accountants.
+participation schema is what the sensitivity encodes, not the sample rate. Adjacency: the sensitivity bounds one
+participant's rows of G changing by at most clip each while every other row stays put, i.e. "zero-out" neighbours
+(dp-accounting's REPLACE_SPECIAL: the participant's contribution replaced by zero). That is add/remove only for a
+participation schema where removing one participant moves no one else (fixed slots, or each participant's own
+steps): with fixed-order batches over a data set, removing an example shifts the later batches, which this bound
+does not cover. The engine must state and enforce the schema before using this accountant (not wired yet).
 
 Library check (why this module is written here): google's ``jax_privacy.matrix_factorization`` (banded, toeplitz,
 sensitivity, streaming_matrix; Apache-2.0) has all of this but needs jax/jaxlib >= 0.7, optax, chex (not installed
@@ -480,7 +484,7 @@ class MatrixMechanismAccountant(IAccountant):
     ``history`` keeps opacus' format ``[(noise_multiplier, sample_rate, steps)]`` (the engine's ledger); the
     sample rate is recorded but NOT used (no amplification), and every step must use the same noise multiplier
     (one sigma for the whole correlated release). ``method``: ``"analytic"`` (exact, Balle & Wang 2018) or
-    ``"rdp"`` (opacus' RDP at q = 1, a slightly larger epsilon). Add/remove adjacency."""
+    ``"rdp"`` (opacus' RDP at q = 1, a slightly larger epsilon). Zero-out adjacency (module docstring)."""
 
     def __init__(self, sens: float, horizon: int | None = None, method: str = "analytic") -> None:
         super().__init__()
