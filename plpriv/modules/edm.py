@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
@@ -28,6 +27,7 @@ from plpriv.nets.edm_precond import EDMLoss, EDMPrecond
 from plpriv.privacy.contract import PublicBatch
 from plpriv.sampling.edm import StepCallback, edm_sampler
 from plpriv.utils.figures import run_dir, save_and_log_images
+from plpriv.utils.samples import SampleWriter
 from plpriv.utils.seeding import derive_seed
 
 __all__ = ["EDM", "NonLeakingAugment"]
@@ -240,8 +240,7 @@ class EDM(LightningModule):
         self._rng_key: tuple[int, int] | None = None  # (global_step, batch_idx) of the last training_rng call
         self._rng_calls = 0  # training_rng calls for that key (virtual steps call training_step per chunk)
         self._fid_real_ready = False
-        self._predictions: list[dict[str, Tensor]] = []
-        self._predict_path: Path | None = None
+        self._writer = SampleWriter()
         self._checkpoint_epoch: int | None = None  # `plpriv validate --ckpt_path`: names the grid by its epoch
 
     def _load_init_weights(self, path: str) -> None:
@@ -577,37 +576,19 @@ class EDM(LightningModule):
         out = {"images": uint8.cpu(), "seeds": seeds.cpu()}
         if labels is not None:
             out["labels"] = labels.cpu()
-        self._predictions.append(out)
-        save_and_log_images(None, x.clamp(-1, 1).cpu(), f"grid_{self._rank():02d}_{batch_idx:04d}",
-                            nrow=self.num_classes or None, directory=self._predict_dir())
+        self._writer.add(out, x.clamp(-1, 1).cpu(), f"grid_{self._rank():02d}_{batch_idx:04d}",
+                         self.num_classes or None)
         return out
 
-    def _predict_dir(self) -> Path | None:
-        """``predict_dir``, else ``<log dir>/samples``; None (nothing written) without either."""
-        if self._predict_path is None:  # `trainer.log_dir` is a collective under DDP: resolved once on all ranks
-            log_dir = run_dir(self.trainer)
-            self._predict_path = (Path(self.predict_dir) if self.predict_dir
-                                  else log_dir / "samples" if log_dir is not None else None)
-        return self._predict_path
-
     def on_predict_epoch_start(self) -> None:
-        self._predictions = []
-        self._predict_path = None
-        if self._predict_dir() is None:
+        # ``predict_dir``, else ``<log dir>/samples`` (`trainer.log_dir` is a collective under DDP: resolved once)
+        log_dir = run_dir(self.trainer)
+        self._writer = SampleWriter(Path(self.predict_dir) if self.predict_dir
+                                    else log_dir / "samples" if log_dir is not None else None)
+        if self._writer.directory is None:
             rank_zero_warn("EDM: no logger and no `predict_dir`: samples are returned by predict but not written")
 
     def on_predict_epoch_end(self) -> None:
-        directory = self._predict_dir()
-        if not self._predictions or directory is None:
-            self._predictions = []
-            return
-        images = torch.cat([p["images"] for p in self._predictions]).permute(0, 2, 3, 1).numpy()  # NHWC uint8
-        arrays = {"images": images, "seeds": torch.cat([p["seeds"] for p in self._predictions]).numpy()}
-        if "labels" in self._predictions[0]:
-            arrays["labels"] = torch.cat([p["labels"] for p in self._predictions]).numpy()
-        suffix = f"_rank{self._rank()}" if self._world_size() > 1 else ""
-        path = directory / f"samples{suffix}.npz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, **arrays)
-        rank_zero_info(f"EDM: wrote {len(images)} samples to {path} and PNG grids beside it")
-        self._predictions = []
+        written = self._writer.flush(f"_rank{self._rank()}" if self._world_size() > 1 else "")
+        if written is not None:
+            rank_zero_info(f"EDM: wrote {written[1]} samples to {written[0]} and PNG grids beside it")
