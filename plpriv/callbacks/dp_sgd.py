@@ -4,7 +4,7 @@ Every step :math:`t` draws a Poisson batch :math:`B_t` (each example independent
 per-sample gradient to norm C and adds Gaussian noise once; the sum is divided by the public batch size B:
 
 .. math::  \tilde g_t = \frac{1}{B}\Big(\sum_{i\in B_t} g_i \min\big(1, \tfrac{C}{\lVert g_i\rVert}\big)
-           + \mathcal N(0, \sigma^2 C^2 I)\Big), \qquad q = B / N
+           + \mathcal N(0, \sigma^2 C^2 I)\Big), \qquad q = B / N_{\text{public}}
 
 B is the train loader's ``batch_size`` (a constant the user chose), never a function of the data set size.
 

@@ -2,11 +2,11 @@ r"""Sparsified-Gaussian DP training (Chen, Isik, Kairouz, No, Oh, Xu, ICML 2024)
 only a random ~gamma fraction of their clipped update's coordinates, the indices drawn from a seed the aggregator
 knows; the mechanism and its accountant are :mod:`plpriv.privacy.sparsified_gaussian`.
 
-One implementation of the Lightning wiring: :class:`SparsifiedGaussian` is a :class:`~plpriv.callbacks.DPSGD`
-(Poisson loader, per-sample hooks, seed and secret file, budget, resume, refusals, logging) that changes three
-things: the opacus optimizer (``DPSGD.dp_optimizer_class``) masks every participant's clipped update before the
-sum and divides by ``B gamma``; the ledger accounts the sparsified mechanism; ``participants="clients"`` turns the
-train batches into client ids.
+:class:`SparsifiedGaussian` is ``DPSGD(mechanism=SparsifiedMechanism(keep_fraction, mask))`` (same engine: Poisson
+loader, per-sample hooks, secret seed, budget, resume, refusals, logging; the mechanism's optimizer masks every
+participant's clipped update before the sum and divides by ``B gamma``; its accountant is the sparsified one), kept
+under its class path for the YAML recipes, plus the client-level adapter: ``participants="clients"`` turns the train
+batches into client ids and their data.
 
 ``participants="examples"``
     example-level DP: each example's clipped per-sample gradient gets its own mask (key: its position in the global
