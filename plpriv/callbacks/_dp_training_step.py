@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from plpriv.privacy.independence import IndependenceProbe
 from plpriv.privacy.poisson import split_batch
@@ -49,44 +50,74 @@ def _with_loss(output: Any, loss: torch.Tensor) -> Any:
     return {**output, "loss": loss} if isinstance(output, dict) else loss
 
 
+# the module's hooks of the training loop: whatever they log may be a statistic of the private batches
+TRAINING_HOOKS = ("training_step", "on_train_batch_start", "on_train_batch_end", "on_train_epoch_start",
+                  "on_train_epoch_end", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+                  "on_before_zero_grad", "optimizer_step")
+
+
 class _LogGuard:
-    """Replaces ``pl_module.log`` while ``training_step`` runs: metrics not named in ``allowed`` are dropped (their
-    names collected in ``dropped``); ``silent`` drops everything (probe passes)."""
+    """Replaces ``pl_module.log`` while one of the module's training hooks runs (re-entrant: ``optimizer_step`` runs
+    ``training_step``): metrics not named in ``allowed`` are dropped (their names collected in ``dropped``);
+    ``silent`` drops everything (probe passes). Validation hooks and callbacks log as usual."""
 
     def __init__(self, pl_module: LightningModule, allowed: tuple[str, ...]) -> None:
         self.pl_module, self.allowed = pl_module, set(allowed)
         self.dropped: set[str] = set()
         self.silent = False
+        self._depth = 0
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        module, log = self.pl_module, self.pl_module.log
+        module = self.pl_module
+        if self._depth == 0:
+            log = module.log
 
-        def private_log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-            if name in self.allowed and not self.silent:
-                return log(name, value, *args, **kwargs)
-            if not self.silent:
-                self.dropped.add(name)
-            return None
+            def private_log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+                if name in self.allowed and not self.silent:
+                    return log(name, value, *args, **kwargs)
+                if not self.silent:
+                    self.dropped.add(name)
+                return None
 
-        module.log = private_log  # type: ignore[method-assign]  # log_dict calls self.log: covered too
+            module.log = private_log  # type: ignore[method-assign]  # log_dict calls self.log: covered too
+        self._depth += 1
         try:
             yield
         finally:
-            vars(module).pop("log", None)
+            self._depth -= 1
+            if self._depth == 0:
+                vars(module).pop("log", None)
+
+
+def _guarded(guard: _LogGuard, hook: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(hook)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        with guard.active():
+            return hook(*args, **kwargs)
+
+    return guarded
 
 
 def guard_training_logs(pl_module: LightningModule, allowed: tuple[str, ...]) -> tuple[_LogGuard, Callable[[], None]]:
-    """Install the log guard around ``pl_module.training_step``; returns it and the function that removes it."""
-    guard, original = _LogGuard(pl_module, allowed), pl_module.training_step
+    """Run ``training_step`` and every training hook the module overrides under the log guard; returns the guard and
+    the function that removes the wrappers (instance attributes: no public hook surrounds a module's hooks)."""
+    guard, undo = _LogGuard(pl_module, allowed), []
+    for name in TRAINING_HOOKS:
+        if name != "training_step" and not is_overridden(name, pl_module):
+            continue
+        had_own, original = name in vars(pl_module), getattr(pl_module, name)
+        setattr(pl_module, name, _guarded(guard, original))
+        undo.append((name, original if had_own else None))
 
-    @functools.wraps(original)
-    def training_step(*args: Any, **kwargs: Any) -> Any:
-        with guard.active():
-            return original(*args, **kwargs)
+    def remove() -> None:
+        for name, own in reversed(undo):
+            if own is None:
+                vars(pl_module).pop(name, None)
+            else:
+                setattr(pl_module, name, own)
 
-    pl_module.training_step = training_step  # type: ignore[method-assign]
-    return guard, lambda: vars(pl_module).pop("training_step", None)
+    return guard, remove
 
 
 def wrap_training_step(dp: DPEngine, trainer: Trainer, pl_module: LightningModule, guard: _LogGuard | None,

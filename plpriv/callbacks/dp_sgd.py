@@ -35,8 +35,8 @@ By default the seed is kept nowhere (a resumed run draws fresh entropy; same eps
 private folder outside the run's folders) keeps it for exact resume until training ends.
 
 The privacy boundary (:mod:`plpriv.privacy.contract`): modules are told the public batch constants
-(``configure_private_training``); metrics logged from ``training_step`` are dropped unless named in
-``log_training_metrics``; the first step probes that each example's per-sample gradient depends on that example
+(``configure_private_training``); metrics the module logs from ``training_step`` or its other training hooks are
+dropped unless named in ``log_training_metrics``; the first step probes that each example's per-sample gradient depends on that example
 alone (:mod:`plpriv.privacy.independence`).
 
 Refused before training, with what to do: BatchNorm (``fix_modules``), 16-bit precision with a GradScaler,
@@ -142,8 +142,8 @@ class DPSGD(Callback):
         dataset_size: a public size of the training set (q = B / dataset_size, delta default 1/dataset_size^1.1).
         secret_dir: a private folder outside the run's folders that keeps the seed for exact resume (deleted when
             training ends); ``None``: kept nowhere.
-        log_training_metrics: names of metrics logged from ``training_step`` to publish anyway (not covered by
-            epsilon; said at start); all others are dropped.
+        log_training_metrics: names of metrics the module logs from its training hooks to publish anyway (not
+            covered by epsilon; said at start); all others are dropped.
         mechanism: the release of every private step and its accountant
             (:class:`~plpriv.privacy.mechanisms.GaussianMechanism` by default; e.g.
             :class:`~plpriv.privacy.sparsified_gaussian.SparsifiedMechanism`).

@@ -296,3 +296,48 @@ def test_module_is_told_the_public_batch_per_optimizer_step(tmp_path: Path, pois
     assert first.expected_batch_size == 8 * accumulate and first.sample_rate == pytest.approx(8 * accumulate / 48)
     assert first.adjacency == "add_remove" and last is None  # told None when the fit ends
     assert dp.dp_optimizer is None and dp.steps == 2
+
+
+class _EpochMetrics(ToyClassifier):
+    """torchmetrics' recommended pattern: update in training_step, log the epoch value in on_train_epoch_end (and a
+    batch statistic in on_train_batch_end); validation logs as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.correct, self.seen = 0, 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        with torch.no_grad():  # a metric pass: no per-sample activations
+            self.correct += int((self(x).argmax(1) == y).sum())
+        self.seen += len(y)
+        return super().training_step(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("train/batch_size", float(len(batch[1])))
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/acc", self.correct / max(self.seen, 1))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val/acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def val_dataloader(self) -> DataLoader:  # held-out data (validation logs are not training statistics)
+        return DataLoader(TensorDataset(*toy_tensors(16, seed=9)), batch_size=8)
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_statistics_logged_from_any_training_hook_are_not_published(tmp_path: Path, private: bool) -> None:
+    """Epoch-level training metrics (accumulated in training_step, logged in on_train_epoch_end) and batch hooks'
+    statistics are dropped under DP; validation metrics and DPSGD's own are written; without DP all are."""
+    callbacks = [DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, dataset_size=48, seed=0)]
+    logger = CSVLogger(tmp_path, name="run", version="")
+    model = _EpochMetrics()
+    with pytest.warns(UserWarning, match="dropped") if private else contextlib.nullcontext():
+        _trainer(tmp_path, callbacks if private else [], max_epochs=2, logger=logger).fit(
+            model, DataLoader(TensorDataset(*toy_tensors(48)), batch_size=8), model.val_dataloader())
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    assert {"train/acc", "train/batch_size"} & set(header) == (set() if private else {"train/acc", "train/batch_size"})
+    assert "val/acc" in header and ("dp/epsilon" in header) == private
+    assert "on_train_epoch_end" not in vars(model) and "log" not in vars(model)  # wrappers removed
