@@ -44,9 +44,8 @@ def summary(dp: DPEngine) -> str:
     ledger = dp.ledger
     return (
         f"DPSGD: {dp.steps} steps, (epsilon, delta) = ({dp.get_epsilon():.4f}, {dp.delta:.3g}) under {dp.adjacency}"
-        f" adjacency: {ledger.title} by"
-        f" {type(ledger.mechanism).__name__} (accountant={ledger.accountant}; sigma={dp.effective_noise_multiplier:.4g},"
-        f" q={dp.sample_rate:.4g}, C={dp.max_grad_norm:g})."
+        f" adjacency: {ledger.title} by {type(ledger.mechanism).__name__} (accountant={ledger.accountant};"
+        f" sigma={dp.effective_noise_multiplier:.4g}, q={dp.sample_rate:.4g}, C={dp.max_grad_norm:g})."
     )
 
 
@@ -63,8 +62,8 @@ def save_epsilon_plot(dp: DPEngine, trainer: Trainer) -> None:
 
 
 def dropped_metrics_warning(names: list[str]) -> str:
-    return (f"DPSGD: dropped {names} logged from training_step: statistics of the private batch are not covered by"
-            " epsilon. Publish them knowingly with DPSGD(log_training_metrics=[...]) (the run then says they are not"
+    return (f"DPSGD: dropped {names} logged from the training hooks: statistics of the private batches are not"
+            " covered by epsilon. Publish them knowingly with DPSGD(log_training_metrics=[...]) (the run then says they are not"
             " covered), or log them from validation.")
 
 

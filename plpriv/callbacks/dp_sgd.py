@@ -36,8 +36,8 @@ private folder outside the run's folders) keeps it for exact resume until traini
 
 The privacy boundary (:mod:`plpriv.privacy.contract`): modules are told the public batch constants
 (``configure_private_training``); metrics the module logs from ``training_step`` or its other training hooks are
-dropped unless named in ``log_training_metrics``; the first step probes that each example's per-sample gradient depends on that example
-alone (:mod:`plpriv.privacy.independence`).
+dropped unless named in ``log_training_metrics``; the first step probes that each example's per-sample gradient
+depends on that example alone (:mod:`plpriv.privacy.independence`).
 
 Refused before training, with what to do: BatchNorm (``fix_modules``), 16-bit precision with a GradScaler,
 ``gradient_clip_val``, gradient accumulation with Poisson sampling (use ``max_physical_batch_size``), samplers whose
@@ -346,7 +346,7 @@ class DPSGD(Callback):
         self._tell_module()
         rank_zero_info(start_line(engine))
         if self.log_training_metrics:
-            rank_zero_warn(f"DPSGD: {list(self.log_training_metrics)} logged from training_step are published as"
+            rank_zero_warn(f"DPSGD: {list(self.log_training_metrics)} logged from the training hooks are published as"
                            " asked (log_training_metrics): they are NOT covered by epsilon.")
 
     def _tell_module(self) -> None:
@@ -426,7 +426,8 @@ class DPSGD(Callback):
         self.budget_checkpoint_path = budget_checkpoint(trainer, self.steps)
         rank_zero_warn(
             f"DPSGD: stopping after step {self.steps}: epsilon={self.get_epsilon():.4f} (delta={self.delta:.3g}); the"
-            f" next step would exceed the budget epsilon={self.target_epsilon}. Checkpoint: {self.budget_checkpoint_path}"
+            f" next step would exceed the budget epsilon={self.target_epsilon}."
+            f" Checkpoint: {self.budget_checkpoint_path}"
         )
 
     def _warn_dropped_metrics(self) -> None:
