@@ -6,7 +6,9 @@ instead of replacing them; the same works on the command line: ``--trainer.callb
 
 ``validate``/``test``/``predict`` log into ``<fit log dir>/<subcommand>/`` (TensorBoard's ``sub_dir``), so they never
 overwrite the fit's ``config.yaml`` or ``hparams.yaml``; ``fit --ckpt_path`` refuses to continue a checkpoint trained
-under DP-SGD without the ``DPSGD`` callback.
+under DP-SGD without the ``DPSGD`` callback. Before any work (:mod:`plpriv.cli_checks`), ``fit`` refuses to overwrite
+another run's checkpoints, every subcommand refuses a checkpoint of another model class, and ``--ckpt_path best``
+reads the best checkpoint that the fit recorded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from plpriv.cli_checks import RunRefusal, check_checkpoint_model, check_new_run, check_recorded_class, resolve_best
 
 PRIVACY_KEY = "plpriv_privacy"  # top-level checkpoint key DPSGD writes: how the weights were trained privately
 
@@ -135,16 +139,18 @@ def _refusal(path: str, record: dict[str, Any]) -> str:
     )
 
 
-def _resolve_ckpt_path(trainer: Trainer, ckpt_path: str | os.PathLike) -> str | None:
-    """Lightning's resolution of ``ckpt_path`` for ``fit`` (``last``: the newest ``last*.ckpt`` of any
+def _resolve_ckpt_path(trainer: Trainer, ckpt_path: str | os.PathLike, fn: str = "fit") -> str | None:
+    """Lightning's resolution of ``ckpt_path`` for ``fn`` (``last``: the newest ``last*.ckpt`` of any
     ModelCheckpoint), without loading anything; None when there is nothing to resume."""
     from lightning.pytorch.trainer.states import TrainerFn
 
+    state = {"fit": TrainerFn.FITTING, "validate": TrainerFn.VALIDATING, "test": TrainerFn.TESTING,
+             "predict": TrainerFn.PREDICTING}[fn]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no last checkpoint": fit warns about it itself
             resolved = trainer._checkpoint_connector._parse_ckpt_path(
-                TrainerFn.FITTING, ckpt_path, model_provided=True, model_connected=False
+                state, ckpt_path, model_provided=True, model_connected=False
             )
     except ValueError:  # e.g. "best" before any fit: fit raises its own error
         return None
@@ -207,7 +213,8 @@ class PlprivCLI(LightningCLI):
     """LightningCLI with plpriv's defaults: any LightningModule / DataModule by ``class_path`` (subclass mode), the
     resolved config saved next to the logs (overwritten when a run is resumed into the same directory), non-fit
     subcommands logging into their own subdirectory, a ``last.ckpt`` at every epoch end
-    (:func:`ensure_resume_checkpoint`) and private checkpoints only resumed privately."""
+    (:func:`ensure_resume_checkpoint`), private checkpoints only resumed privately, and the checks of
+    :mod:`plpriv.cli_checks` (no overwritten run, no checkpoint of another model class, ``--ckpt_path best``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", _SaveConfig)
@@ -243,12 +250,46 @@ class PlprivCLI(LightningCLI):
             if isinstance(cls, type) and issubclass(cls, TensorBoardLogger) and entry.init_args.get("sub_dir") is None:
                 entry.init_args.sub_dir = self.subcommand
 
+    def _parse_ckpt_path(self) -> None:
+        """Refuse ``--ckpt_path FILE`` of another model class before LightningCLI takes the class (and its init
+        arguments) from the file's hyperparameters."""
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            config = self.config[subcommand]
+            check_recorded_class(config.get("ckpt_path"), config.get("model.class_path"))
+        super()._parse_ckpt_path()
+
+    def _checked_ckpt_path(self) -> str | None:
+        """``--ckpt_path`` resolved (``best`` from the fit's record, see :func:`resolve_best`, passed on as a path);
+        a checkpoint of another model class is refused."""
+        config = self.config_init[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "best":
+            ckpt_path = config["ckpt_path"] = resolve_best(self.trainer)
+        path = None if ckpt_path is None else _resolve_ckpt_path(self.trainer, ckpt_path, self.subcommand)
+        check_checkpoint_model(path, self.model)
+        return path
+
     def before_fit(self) -> None:
         ensure_resume_checkpoint(self.trainer)  # first: `--ckpt_path last` also looks in its directory
-        if check_private_resume(self.trainer, self.config_init[self.subcommand].get("ckpt_path")) is not None:
+        if self.config_init[self.subcommand].get("ckpt_path") == "best":
+            self._checked_ckpt_path()  # into a path, so that the checks below see it
+        resumed = check_private_resume(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
+        check_new_run(self.trainer, resumed)  # never over another run's checkpoints
+        self._checked_ckpt_path()
+        if resumed is not None:
             # resuming: the run's own checkpoint directory holds its checkpoints, as it should
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.")
         self.trainer.callbacks.insert(0, _PrivateCheckpointGuard())
+
+    def before_validate(self) -> None:
+        self._checked_ckpt_path()
+
+    def before_test(self) -> None:
+        self._checked_ckpt_path()
+
+    def before_predict(self) -> None:
+        self._checked_ckpt_path()
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -284,6 +325,9 @@ def main(args: Sequence[str] | None = None) -> None:
         PlprivCLI(args=None if args is None else argv)
     except PrivateCheckpointError as err:
         print(f"plpriv: refusing to resume: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except RunRefusal as err:  # another run's checkpoints, or a checkpoint of another model class
+        print(f"plpriv: refusing to {err.action}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as err:  # user-input errors: one short message, the traceback only with --debug
         message = user_error_message(err)

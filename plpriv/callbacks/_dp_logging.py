@@ -68,6 +68,8 @@ def dropped_metrics_warning(names: list[str]) -> str:
 
 
 def unverified_independence_warning(module: str) -> str:
-    return (f"DPSGD: could not verify that `{module}.training_step` treats the examples of a batch independently (it"
-            " draws randomness the global RNG does not control, so two identical passes differ). Make sure no layer"
-            " or loss mixes examples: DP-SGD's sensitivity bound assumes it.")
+    return (f"DPSGD: cannot verify that `{module}.training_step` treats the examples of a batch independently: two"
+            " identical passes differ (it draws randomness from somewhere the probe cannot replay: a generator"
+            " outside the model, wall-clock or data-order state). DP-SGD's sensitivity bound assumes no layer or loss"
+            " mixes examples. Draw from torch's global RNG or a generator held by the model, or set"
+            " DPSGD(assume_independent_examples=True) to assert it.")

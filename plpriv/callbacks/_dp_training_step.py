@@ -176,7 +176,8 @@ def wrap_training_step(dp: DPEngine, trainer: Trainer, pl_module: LightningModul
             guard.silent = True
         try:
             result = IndependenceProbe(optimizer.params, hooks.parameter_names,
-                                       lambda: optimizer.zero_grad(set_to_none=True)).run(step, chunk, m)
+                                       lambda: optimizer.zero_grad(set_to_none=True), module=pl_module
+                                       ).run(step, chunk, m)
         finally:
             if guard is not None:
                 guard.silent = False

@@ -147,6 +147,8 @@ class DPSGD(Callback):
         mechanism: the release of every private step and its accountant
             (:class:`~plpriv.privacy.mechanisms.GaussianMechanism` by default; e.g.
             :class:`~plpriv.privacy.sparsified_gaussian.SparsifiedMechanism`).
+        assume_independent_examples: run even when the first-step probe cannot verify that each example's gradient
+            depends on that example alone (the step draws randomness the probe cannot replay): you assert it.
 
     Logged every ``log_every_n_steps``: ``dp/epsilon``, ``dp/delta``, ``dp/noise_multiplier``, ``dp/sample_rate``.
     One DPSGD instance per run: its history is the run's. Subclasses extend :meth:`dp_optimizer_class`,
@@ -209,6 +211,7 @@ class DPSGD(Callback):
         secret_dir: str | None = None,
         log_training_metrics: Sequence[str] = (),
         mechanism: Mechanism | None = None,
+        assume_independent_examples: bool = False,
     ) -> None:
         super().__init__()
         self.private_optimizers = private_optimizer_index(private_optimizers)
@@ -224,6 +227,7 @@ class DPSGD(Callback):
         )
         self.fix_modules = bool(fix_modules)
         self.plot = bool(plot)
+        self.assume_independent_examples = bool(assume_independent_examples)
         self.secret_dir = None if secret_dir is None else str(secret_dir)
         self.budget_checkpoint_path: str | None = None
         # fit-time objects (never saved)
@@ -437,11 +441,14 @@ class DPSGD(Callback):
             rank_zero_warn(dropped_metrics_warning(new))
 
     def note_unverified_independence(self, module: str) -> None:
-        """The first-step probe could not tell whether examples are independent (the step's randomness is not the
-        global RNG's); said once. Called by the training-step wrapper."""
+        """The first-step probe could not tell whether examples are independent (two identical passes differ):
+        refused, unless the user asserted independence (``assume_independent_examples``; said once)."""
+        if not self.assume_independent_examples:
+            raise ValueError(unverified_independence_warning(module))
         if self._unverified is None:
             self._unverified = module
-            rank_zero_warn(unverified_independence_warning(module))
+            rank_zero_warn(unverified_independence_warning(module) + " Asserted by the user"
+                           " (assume_independent_examples=True): not verified.")
 
     def log_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Extension point: logs ``dp/*`` after a private step, at the steps Lightning keeps (``log_every_n_steps``).

@@ -5,19 +5,27 @@ DP-SGD's sensitivity argument needs it: removing or replacing one example must m
 A layer or loss that mixes the examples of a batch (a batch-centring layer, in-batch negatives, mixup, BatchNorm
 in training mode) breaks it while passing every structural check: the per-sample gradients exist and are clipped,
 yet example j's row changes when example i does. The probe runs the step three times on copies of the batch under
-the same global RNG state: ``A`` (the batch), ``A'`` (the batch again: is the step reproducible?) and ``B`` (the
-last example replaced by the first), and compares the per-sample gradients of the other examples. ``A == A'`` but
+the same random state: ``A`` (the batch), ``A'`` (the batch again: is the step reproducible?) and ``B`` (the last
+example replaced by the first), and compares the per-sample gradients of the other examples. Before each pass the
+global RNGs (torch, Python's ``random``, numpy's) are seeded alike and the model's own state is put back: every
+sub-module's plain attributes (step and call counters) and its ``torch.Generator`` / numpy generators, so a module
+that seeds its randomness from a counter or owns a generator draws the same in all three passes. ``A == A'`` but
 ``A != B`` is a coupling: refused, naming the parameters (and so the modules) whose rows moved. ``A != A'`` (the
-step draws randomness the global RNG does not control) leaves the question open: the caller warns.
+step draws randomness from elsewhere) leaves the question open: the caller refuses unless the user asserts
+independence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
 __all__ = ["IndependenceProbe", "ProbeResult", "replace_last_row"]
 
@@ -46,6 +54,43 @@ def replace_last_row(batch: Any, size: int) -> Any | None:
     return out if changed else None
 
 
+@contextlib.contextmanager
+def _host_rngs(seed: int) -> Iterator[None]:
+    """Python's and numpy's global generators seeded with ``seed`` inside, restored after."""
+    py, npy = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
+@contextlib.contextmanager
+def _module_state(module: nn.Module | None) -> Iterator[None]:
+    """Every sub-module's plain attributes (ints, floats, bools, strings) and generator states as they were before."""
+    saved: list[tuple[Any, str, Any]] = []
+    for sub in module.modules() if module is not None else ():
+        for name, value in vars(sub).items():
+            if isinstance(value, torch.Generator):
+                saved.append((value, "torch", value.get_state()))
+            elif isinstance(value, np.random.Generator):
+                saved.append((value.bit_generator, "numpy", value.bit_generator.state))
+            elif isinstance(value, (bool, int, float, str)) or value is None:
+                saved.append((sub, name, value))
+    try:
+        yield
+    finally:
+        for owner, key, value in saved:
+            if key == "torch":
+                owner.set_state(value)
+            elif key == "numpy":
+                owner.state = value
+            else:
+                object.__setattr__(owner, key, value)
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     """``coupled``: parameter names whose other-example rows moved; ``reproducible``: ``A == A'``."""
@@ -65,12 +110,13 @@ class IndependenceProbe:
     """
 
     def __init__(self, params: Sequence[torch.Tensor], names: dict[int, str], clear: Callable[[], None],
-                 rtol: float = 1e-4) -> None:
+                 rtol: float = 1e-4, module: nn.Module | None = None) -> None:
         self.params, self.names, self.clear, self.rtol = list(params), names, clear, rtol
+        self.module = module  # whose state is put back before each pass
 
     def _rows(self, step: Callable[[Any], torch.Tensor], batch: Any, size: int, seed: int) -> list[torch.Tensor]:
         devices = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), _module_state(self.module), _host_rngs(seed):
             torch.manual_seed(seed)
             loss = step(batch)
             torch.autograd.backward(loss)

@@ -341,3 +341,51 @@ def test_statistics_logged_from_any_training_hook_are_not_published(tmp_path: Pa
     assert {"train/acc", "train/batch_size"} & set(header) == (set() if private else {"train/acc", "train/batch_size"})
     assert "val/acc" in header and ("dp/epsilon" in header) == private
     assert "on_train_epoch_end" not in vars(model) and "log" not in vars(model)  # wrappers removed
+
+
+class _OwnGeneratorMixup(ToyClassifier):
+    """Mixup with the module's own generator and a step counter: coupled examples, randomness the model holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(1)
+        self.calls = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.calls += 1
+        x, y = batch
+        perm = torch.randperm(len(x), generator=self.gen)
+        lam = float(torch.rand((), generator=self.gen)) * 0.5
+        logits = self(x * (1 - lam) + x[perm] * lam)
+        return F.cross_entropy(logits, y)
+
+
+_OUTSIDE = torch.Generator().manual_seed(3)
+
+
+class _OutsideRandomness(ToyClassifier):
+    """Draws from a generator the model does not hold: the probe cannot replay it."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x + 0.1 * torch.randn(x.shape, generator=_OUTSIDE)), y)
+
+
+def test_coupling_is_caught_when_the_model_holds_its_randomness(tmp_path: Path) -> None:
+    model = _OwnGeneratorMixup()
+    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, dataset_size=48, seed=0)
+    with pytest.raises(ValueError, match="couples the examples"):
+        _trainer(tmp_path, [dp], max_steps=2).fit(model, ToyData())
+    assert model.calls == 0  # the probe put the counter back (it ran three passes)
+
+
+def test_randomness_the_probe_cannot_replay_is_refused_unless_asserted(tmp_path: Path) -> None:
+    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, dataset_size=48, seed=0)
+    with pytest.raises(ValueError, match="cannot verify.*assume_independent_examples"):
+        _trainer(tmp_path, [dp], max_steps=2).fit(_OutsideRandomness(), ToyData())
+    assert dp.steps == 0
+    asserted = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, dataset_size=48, seed=0,
+                     assume_independent_examples=True)
+    with pytest.warns(UserWarning, match="Asserted by the user"):
+        _trainer(tmp_path, [asserted], max_steps=2).fit(_OutsideRandomness(), ToyData())
+    assert asserted.steps == 2
