@@ -139,9 +139,10 @@ def _refusal(path: str, record: dict[str, Any]) -> str:
     )
 
 
-def _resolve_ckpt_path(trainer: Trainer, ckpt_path: str | os.PathLike, fn: str = "fit") -> str | None:
+def _resolve_ckpt_path(trainer: Trainer, ckpt_path: str | os.PathLike | None, fn: str = "fit") -> str | None:
     """Lightning's resolution of ``ckpt_path`` for ``fn`` (``last``: the newest ``last*.ckpt`` of any
-    ModelCheckpoint), without loading anything; None when there is nothing to resume."""
+    ModelCheckpoint; None: SLURM's requeue checkpoint, if any), without loading anything; None when there is nothing
+    to resume."""
     from lightning.pytorch.trainer.states import TrainerFn
 
     state = {"fit": TrainerFn.FITTING, "validate": TrainerFn.VALIDATING, "test": TrainerFn.TESTING,
@@ -259,37 +260,32 @@ class PlprivCLI(LightningCLI):
             check_recorded_class(config.get("ckpt_path"), config.get("model.class_path"))
         super()._parse_ckpt_path()
 
-    def _checked_ckpt_path(self) -> str | None:
-        """``--ckpt_path`` resolved (``best`` from the fit's record, see :func:`resolve_best`, passed on as a path);
-        a checkpoint of another model class is refused."""
+    def _ckpt_path(self) -> Any:
+        """``--ckpt_path``, with ``best`` replaced by the path the fit recorded (:func:`resolve_best`)."""
         config = self.config_init[self.subcommand]
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path == "best":
-            ckpt_path = config["ckpt_path"] = resolve_best(self.trainer)
-        path = None if ckpt_path is None else _resolve_ckpt_path(self.trainer, ckpt_path, self.subcommand)
-        check_checkpoint_model(path, self.model)
-        return path
+        if config.get("ckpt_path") == "best":
+            config["ckpt_path"] = resolve_best(self.trainer)
+        return config.get("ckpt_path")
+
+    def _check_checkpoint(self) -> None:
+        """validate/test/predict: a checkpoint of another model class is refused."""
+        ckpt_path = self._ckpt_path()
+        if ckpt_path is not None:
+            check_checkpoint_model(_resolve_ckpt_path(self.trainer, ckpt_path, self.subcommand), self.model)
+
+    before_validate = before_test = before_predict = _check_checkpoint
 
     def before_fit(self) -> None:
         ensure_resume_checkpoint(self.trainer)  # first: `--ckpt_path last` also looks in its directory
-        if self.config_init[self.subcommand].get("ckpt_path") == "best":
-            self._checked_ckpt_path()  # into a path, so that the checks below see it
-        resumed = check_private_resume(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
-        check_new_run(self.trainer, resumed)  # never over another run's checkpoints
-        self._checked_ckpt_path()
+        ckpt_path = self._ckpt_path()
+        resumed = check_private_resume(self.trainer, ckpt_path)
+        if ckpt_path is not None or _resolve_ckpt_path(self.trainer, None) is None:  # not: SLURM requeue (hpc)
+            check_new_run(self.trainer, resumed)  # never over another run's checkpoints
+        check_checkpoint_model(resumed, self.model)
         if resumed is not None:
             # resuming: the run's own checkpoint directory holds its checkpoints, as it should
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.")
         self.trainer.callbacks.insert(0, _PrivateCheckpointGuard())
-
-    def before_validate(self) -> None:
-        self._checked_ckpt_path()
-
-    def before_test(self) -> None:
-        self._checked_ckpt_path()
-
-    def before_predict(self) -> None:
-        self._checked_ckpt_path()
 
 
 def main(args: Sequence[str] | None = None) -> None:
