@@ -93,6 +93,9 @@ class DPEngine:
         check_secure_mode(secure_mode)
         if mechanism is not None and not isinstance(mechanism, Mechanism):
             raise TypeError(f"`mechanism` must be a plpriv.privacy.mechanisms.Mechanism, got {type(mechanism)!r}.")
+        if mechanism is not None and mechanism.needs_per_sample_gradients and grad_sample_mode == "ghost":
+            raise ValueError(f"{type(mechanism).__name__} needs per-sample gradients, which ghost clipping never forms:"
+                             " use grad_sample_mode='hooks' or 'functorch'.")
         self.adjacency, self.dataset_size = check_public_size(adjacency, dataset_size, sample_rate, target_delta)
         if accountant == "gdp":
             warn("DPSGD(accountant='gdp') uses the CLT approximation, which can underestimate epsilon.")

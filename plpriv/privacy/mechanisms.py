@@ -37,6 +37,7 @@ class Mechanism(abc.ABC):
 
     name: ClassVar[str]  # the record's "mechanism" and the epsilon figure's title
     title: ClassVar[str]
+    needs_per_sample_gradients: ClassVar[bool] = False  # True: not with ghost clipping (it forms only their norms)
 
     @abc.abstractmethod
     def accountant(self, accountant: str = "prv") -> IAccountant:

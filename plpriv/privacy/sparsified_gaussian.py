@@ -369,6 +369,7 @@ class SparsifiedMechanism(Mechanism):
 
     name = "sparsified-gaussian"
     title = "sparsified Gaussian epsilon"
+    needs_per_sample_gradients = True  # the masks select coordinates of each participant's clipped gradient
 
     def __init__(self, keep_fraction: float, mask: str = "bernoulli") -> None:
         self.keep_fraction = check_keep_fraction(keep_fraction)

@@ -91,6 +91,9 @@ def test_dpsgd_with_the_sparsified_mechanism_is_the_sparsified_callback(tmp_path
     assert dp_a.ledger.epsilon(1e-5) < plain.ledger.__class__("prv").compute_epsilon(dp_a.history, 1e-5)
 
 
-def test_mechanism_must_be_a_mechanism() -> None:
+def test_mechanism_must_be_a_mechanism_that_fits_the_gradient_mode() -> None:
     with pytest.raises(TypeError, match="Mechanism"):
         DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, dataset_size=48, mechanism="gaussian")
+    with pytest.raises(ValueError, match="SparsifiedMechanism needs per-sample gradients"):
+        DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-5, dataset_size=48, grad_sample_mode="ghost",
+              mechanism=SparsifiedMechanism(0.5))
