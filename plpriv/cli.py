@@ -8,7 +8,8 @@ instead of replacing them; the same works on the command line: ``--trainer.callb
 overwrite the fit's ``config.yaml`` or ``hparams.yaml``; ``fit --ckpt_path`` refuses to continue a checkpoint trained
 under DP-SGD without the ``DPSGD`` callback. Before any work (:mod:`plpriv.cli_checks`), ``fit`` refuses to overwrite
 another run's checkpoints, every subcommand refuses a checkpoint of another model class, and ``--ckpt_path best``
-reads the best checkpoint that the fit recorded.
+reads the best checkpoint that the fit recorded. A finished ``fit`` prints one line naming its log directory and
+checkpoints; one stopped by Ctrl-C prints the command that resumes it and, under DP-SGD, the epsilon spent so far.
 """
 
 from __future__ import annotations
@@ -221,6 +222,9 @@ class PlprivCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", _SaveConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
+        argv = kwargs.get("args", args[11] if len(args) > 11 else None)  # LightningCLI's 12th positional: args
+        self._argv: list[str] | None = (list(sys.argv[1:]) if argv is None else
+                                        list(argv) if isinstance(argv, (list, tuple)) else None)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -275,6 +279,18 @@ class PlprivCLI(LightningCLI):
 
     before_validate = before_test = before_predict = _check_checkpoint
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """The subcommand, then for ``fit`` one line on the console: where the outputs are, or after Ctrl-C (Lightning
+        catches KeyboardInterrupt, calls ``on_exception`` and exits) how to resume and the epsilon spent so far."""
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit:
+            if subcommand == "fit" and self.trainer.interrupted and self.trainer.is_global_zero:
+                print(f"plpriv: {interrupted_message(self.trainer, self._argv)}", file=sys.stderr, flush=True)
+            raise
+        if subcommand == "fit" and self.trainer.state.finished and self.trainer.is_global_zero:
+            print(f"plpriv: {outputs_message(self.trainer)}", file=sys.stderr, flush=True)
+
     def before_fit(self) -> None:
         ensure_resume_checkpoint(self.trainer)  # first: `--ckpt_path last` also looks in its directory
         ckpt_path = self._ckpt_path()
@@ -286,6 +302,74 @@ class PlprivCLI(LightningCLI):
             # resuming: the run's own checkpoint directory holds its checkpoints, as it should
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.")
         self.trainer.callbacks.insert(0, _PrivateCheckpointGuard())
+
+
+def _resume_command(argv: Sequence[str] | None) -> str:
+    """``plpriv fit`` with the same arguments (``-c`` files and overrides), ``--ckpt_path last`` instead of any
+    ``--ckpt_path`` (shell-quoted); without a list of arguments (``args`` given as a dict), a placeholder for them."""
+    import shlex
+
+    if argv is None:
+        return "plpriv fit -c <the same config files and overrides> --ckpt_path last"
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path=") and arg != "--debug":
+            kept.append(arg)
+    return shlex.join(["plpriv", *kept, "--ckpt_path", "last"])
+
+
+def _epsilon_spent(trainer: Trainer) -> str | None:
+    """``epsilon=E (delta=D) spent so far`` of the run's private-training callback (DPSGD), or None without one."""
+    from plpriv.privacy.contract import find_private_training
+
+    private = find_private_training(trainer.callbacks)
+    if private is None:
+        return None
+    delta = getattr(getattr(private, "engine", None), "delta", None)
+    try:
+        epsilon = private.get_epsilon()
+    except Exception:  # noqa: BLE001 - e.g. no delta known yet: the resume hint matters more
+        return None
+    return f"epsilon={epsilon:.4g}" + (f" (delta={delta:.3g})" if isinstance(delta, float) else "") + " spent so far"
+
+
+def interrupted_message(trainer: Trainer, argv: Sequence[str] | None) -> str:
+    """One line after an interrupted fit: how to resume (or that nothing was saved yet) and, under DP-SGD, the
+    epsilon spent so far."""
+    last = _resolve_ckpt_path(trainer, "last")
+    if last is not None and os.path.exists(last):
+        line = f"interrupted; resume from {_shown(last)} with: {_resume_command(argv)}"
+    else:
+        line = "interrupted before the first checkpoint: nothing to resume; run the same command again to start over"
+    spent = _epsilon_spent(trainer)
+    return f"{line}; {spent}" if spent else line
+
+
+def outputs_message(trainer: Trainer) -> str:
+    """One line at the end of a fit: the run's log directory and its checkpoints (last, best)."""
+    parts = [f"outputs (logs, config, figures) in {_shown(trainer.log_dir)}"] if trainer.loggers else []
+    last = _resolve_ckpt_path(trainer, "last")
+    if last is not None and os.path.exists(last):
+        parts.append(f"last checkpoint {_shown(last)}")
+    best = next((cb.best_model_path for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)
+                 and cb.monitor is not None and cb.best_model_path), None)
+    if best and (last is None or _shown(best) != _shown(last)):
+        parts.append(f"best checkpoint {_shown(best)}")
+    spent = _epsilon_spent(trainer)
+    if spent:
+        parts.append(spent)
+    return "fit finished: " + ("; ".join(parts) if parts else "no logger and no checkpoints: nothing was written")
+
+
+def _shown(path: str | os.PathLike | None) -> str:
+    """A local path made absolute (the run may be read from another directory); remote paths as they are."""
+    text = os.fspath(path) if path is not None else "?"
+    return text if "://" in text else os.path.abspath(text)
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -330,7 +414,7 @@ def main(args: Sequence[str] | None = None) -> None:
         if debug or message is None:
             raise
         print(f"plpriv: error: {message}\n(run with --debug or PLPRIV_DEBUG=1 for the traceback)", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None
 
 
 _CORRUPT_CHECKPOINT = ("PytorchStreamReader failed", "failed finding central directory", "invalid load key",
@@ -350,6 +434,43 @@ def _file_torch_load_failed_on(err: BaseException) -> str | None:
             return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "a file"
         tb = tb.tb_next
     return None
+
+
+# jsonargparse's own reasons why a value matched none of a Union's types: noise next to the constructor's message
+_UNION_NOISE = ("Not a valid subclass of", "Expected a <class", "Does not validate against any of", "Subclass types",
+                "Type <class", "Problem with given class_path")
+
+
+def _union_items(text: str) -> list[str]:
+    """The top-level items under jsonargparse's ``Errors:`` (each with its indented continuation lines, dedented)."""
+    body = text.split("Errors:", 1)[1]
+    lines = [ln for ln in body.split("\nGiven value")[0].splitlines() if ln.strip()]
+    bullets = [len(ln) - len(ln.lstrip()) for ln in lines if ln.lstrip().startswith("- ")]
+    if not bullets:
+        return []
+    indent = min(bullets)
+    items: list[list[str]] = []
+    for ln in lines:
+        depth = len(ln) - len(ln.lstrip())
+        if depth == indent and ln.lstrip().startswith("- "):
+            items.append([ln.lstrip()[2:]])
+        elif items and depth > indent:
+            items[-1].append(ln[indent + 2:] if ln[:indent + 2].strip() == "" else ln.strip())
+    return ["\n".join(item) for item in items]
+
+
+def _union_error_message(text: str) -> str:
+    """jsonargparse's "Does not validate against any of the Union subtypes ... Errors: - msg ... Given value: ..."
+    reduced to the first meaningful item (e.g. the constructor's ValueError naming the value), nested unions
+    included; without such an item, the first line of each item; text without ``Errors:`` as it is."""
+    if "Errors:" not in text:
+        return text
+    items = [_union_error_message(item) for item in _union_items(text)]  # nested unions reduced first
+    meaningful = [item for item in items if not item.lstrip().startswith(_UNION_NOISE)]
+    if meaningful:
+        return meaningful[0]
+    shown = [item.splitlines()[0] for item in items if not item.lstrip().startswith("Expected a <class")]
+    return "; ".join(shown) or text
 
 
 def user_error_message(err: BaseException) -> str | None:
@@ -379,10 +500,7 @@ def user_error_message(err: BaseException) -> str | None:
         return text  # budget spent, refused steps: plpriv's own messages
     if not isinstance(err, (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError)):
         return None
-    if "Errors:" in text:  # jsonargparse: "Does not validate against any of the Union subtypes ... Errors: - msg"
-        bullets = [ln.strip()[2:] for ln in text.split("Errors:", 1)[1].split("Given value")[0].splitlines()
-                   if ln.strip().startswith("- ") and "Expected a <class" not in ln]
-        text = "; ".join(bullets) or text
+    text = _union_error_message(text)
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return "\n  ".join(lines[:12]) if lines else type(err).__name__
 
