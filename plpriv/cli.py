@@ -352,7 +352,9 @@ def interrupted_message(trainer: Trainer, argv: Sequence[str] | None) -> str:
 
 def outputs_message(trainer: Trainer) -> str:
     """One line at the end of a fit: the run's log directory and its checkpoints (last, best)."""
-    parts = [f"outputs (logs, config, figures) in {_shown(trainer.log_dir)}"] if trainer.loggers else []
+    # the logger's own log_dir: `trainer.log_dir` is a collective under DDP, and only rank zero prints this line
+    log_dir = next((lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None)), None)
+    parts = [f"outputs (logs, config, figures) in {_shown(log_dir)}"] if log_dir is not None else []
     last = _resolve_ckpt_path(trainer, "last")
     if last is not None and os.path.exists(last):
         parts.append(f"last checkpoint {_shown(last)}")

@@ -104,7 +104,8 @@ def test_ctrl_c_says_how_to_resume_and_the_epsilon_spent(tmp_path: Path) -> None
     assert second.returncode == 0, second.stderr[-3000:]
     done = _line(second.stderr, "plpriv: fit finished:")
     assert f"outputs (logs, config, figures) in {run_dir};" in done and f"last checkpoint {last}" in done, done
-    assert f"best checkpoint {run_dir / 'checkpoints' / 'epoch01-acc'}" in done, done  # the recipe's monitored one
+    # the recipe's monitored checkpoint (which epoch is best depends on the run's fresh DP noise)
+    assert re.search(rf"best checkpoint {re.escape(str(run_dir / 'checkpoints'))}/epoch0\d-acc[0-9.]+\.ckpt", done), done
     final = re.search(r"epsilon=([0-9.e+-]+) \(delta=1e-05\) spent so far", done)
     assert final is not None and float(final.group(1)) > float(spent.group(1)), done
 
