@@ -54,6 +54,7 @@ steps (``max_physical_batch_size``) split a logical batch inside one Lightning s
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -89,6 +90,7 @@ from plpriv.privacy.arguments import check_metric_names, private_optimizer_index
 from plpriv.privacy.contract import PrivateTrainingAware
 from plpriv.privacy.engine import DPEngine, World
 from plpriv.privacy.mechanisms import Mechanism
+from plpriv.privacy.participation import Participation, participation_of
 from plpriv.privacy.poisson import PoissonDataLoader
 from plpriv.privacy.validation import check_loss_modules, fix_modules, private_roots, validate_modules
 
@@ -292,7 +294,7 @@ class DPSGD(Callback):
             check_loss_modules(pl_module)
         if self.poisson_sampling:
             self._restore.append(wrap_train_dataloader(trainer, lambda dl: self._make_poisson_loader(trainer, dl)))
-        else:
+        elif self.mechanism.amplified_by_sampling:
             rank_zero_warn(
                 "DPSGD(poisson_sampling=False): the train loader's fixed-size batches do not satisfy the Poisson"
                 " sampling the accountant assumes, so the reported epsilon is an approximation, not a guarantee."
@@ -333,8 +335,9 @@ class DPSGD(Callback):
         self._module = pl_module
         self._set_rate(trainer)
         original = trainer.strategy.optimizers[self._private_index]
-        dp_optimizer = engine.start(original, self.dp_optimizer_class(trainer),
-                                    float(trainer.estimated_stepping_batches), world, self.on_dp_step)
+        planned = float(trainer.estimated_stepping_batches)
+        dp_optimizer = engine.start(original, self.dp_optimizer_class(trainer), planned, world, self.on_dp_step,
+                                    None if self.mechanism.amplified_by_sampling else self._participation(trainer, planned))
         # Lightning has no hook to hand the strategy another optimizer after configure_optimizers: its public
         # `optimizers` setter is the way (the user's optimizer is wrapped, not replaced: opacus steps it)
         replace_optimizer(trainer, self._private_index, dp_optimizer)
@@ -352,6 +355,16 @@ class DPSGD(Callback):
         if self.log_training_metrics:
             rank_zero_warn(f"DPSGD: {list(self.log_training_metrics)} logged from the training hooks are published as"
                            " asked (log_training_metrics): they are NOT covered by epsilon.")
+
+    @staticmethod
+    def _participation(trainer: Trainer, planned: float) -> Participation | None:
+        """The fixed-batch loader's participation schema (streaming mechanisms' sensitivity); ``None`` when the
+        run is unbounded or has several train loaders (refused by the mechanisms that need it)."""
+        loaders = flat_train_loaders(trainer)
+        if len(loaders) != 1 or not math.isfinite(planned) or not isinstance(trainer.num_training_batches, int):
+            return None
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        return participation_of(loaders[0], per_epoch, max(1, int(planned)))
 
     def _tell_module(self) -> None:
         """The module's side of the public-batch contract (:mod:`plpriv.privacy.contract`)."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
 
 class EpochSeededRandomSampler(RandomSampler):
@@ -61,6 +61,8 @@ class ImageDataModule(LightningDataModule):
         duplicate_indices: positions in the training split whose images are repeated (memorization studies).
         duplicate_factor: how many times each of those images appears in the training set in total (>= 1).
         drop_last: drop the last incomplete training batch.
+        shuffle: a seeded permutation every epoch (default); ``False``: the same order every epoch (DP-FTRL's
+            fixed-order participation, :mod:`plpriv.privacy.participation`).
     """
 
     num_classes: int = 0
@@ -73,6 +75,7 @@ class ImageDataModule(LightningDataModule):
         duplicate_indices: Sequence[int] | None = None,
         duplicate_factor: int = 1,
         drop_last: bool = False,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -87,6 +90,7 @@ class ImageDataModule(LightningDataModule):
         self.duplicate_indices = [int(i) for i in (duplicate_indices or [])]
         self.duplicate_factor = duplicate_factor
         self.drop_last = drop_last
+        self.shuffle = bool(shuffle)
         self.train_base: Dataset | None = None
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -123,7 +127,8 @@ class ImageDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochSeededRandomSampler(dataset, seed=self.seed),  # type: ignore[arg-type]
+            sampler=EpochSeededRandomSampler(dataset, seed=self.seed) if self.shuffle  # type: ignore[arg-type]
+            else SequentialSampler(dataset),  # type: ignore[arg-type]
             num_workers=self.num_workers,
             drop_last=self.drop_last,
             persistent_workers=self.num_workers > 0,

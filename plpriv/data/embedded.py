@@ -76,6 +76,7 @@ class DigitsDataModule(_TensorSplitDataModule):
         duplicate_indices: Sequence[int] | None = None,
         duplicate_factor: int = 1,
         drop_last: bool = False,
+        shuffle: bool = True,
     ) -> None:
         super().__init__(
             image_size=image_size,
@@ -88,6 +89,7 @@ class DigitsDataModule(_TensorSplitDataModule):
             duplicate_indices=duplicate_indices,
             duplicate_factor=duplicate_factor,
             drop_last=drop_last,
+            shuffle=shuffle,
         )
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +117,7 @@ class LFWFacesDataModule(_TensorSplitDataModule):
         duplicate_indices: Sequence[int] | None = None,
         duplicate_factor: int = 1,
         drop_last: bool = False,
+        shuffle: bool = True,
     ) -> None:
         super().__init__(
             image_size=image_size,
@@ -127,6 +130,7 @@ class LFWFacesDataModule(_TensorSplitDataModule):
             duplicate_indices=duplicate_indices,
             duplicate_factor=duplicate_factor,
             drop_last=drop_last,
+            shuffle=shuffle,
         )
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,11 @@ The accountants bound add/remove; one replacement is a removal followed by an ad
 (Dwork & Roth 2014, Thm 2.2 with k = 2, the (epsilon, delta) form) an add/remove (eps, d)-DP mechanism is
 (2 eps, (1 + e^eps) d)-DP under replace-one. :func:`replace_one_epsilon` reports the smallest such 2 eps whose
 delta meets the target: a valid upper bound (the tight value for Poisson subsampling is lower, never higher).
+
+``zero_out``: neighbours differ by one example's contribution replaced by zero (dp-accounting's REPLACE_SPECIAL;
+the relation of the matrix-factorisation / DP-FTRL papers): the size N and every other example's place stay put, so
+N is public. For Poisson-subsampled Gaussian steps the add/remove epsilon bounds it (a zeroed example sampled adds
+nothing, as a removed one; the divisor B is public), and the matrix mechanisms' accountants are zero-out accountants.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from dataclasses import dataclass
 
 from plpriv.privacy.accounting import default_delta
 
-__all__ = ["ADJACENCIES", "PublicRate", "public_rate", "replace_one_epsilon"]
+__all__ = ["ADJACENCIES", "DIRECT", "PublicRate", "public_rate", "replace_one_epsilon"]
 
-ADJACENCIES = ("add_remove", "replace_one")
+ADJACENCIES = ("add_remove", "replace_one", "zero_out")
+DIRECT = ("add_remove", "zero_out")  # epsilon as the accountant reports it; replace_one: group privacy
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,8 @@ def public_rate(batch_size: int, num_samples: int, adjacency: str, sample_rate: 
                 dataset_size: int | None = None) -> PublicRate:
     """The public (q, steps per epoch, default delta) of a loader of ``batch_size`` B over ``num_samples`` N.
 
-    ``add_remove`` uses ``sample_rate`` or ``dataset_size`` only (refused without either); ``replace_one`` may use N.
+    ``add_remove`` uses ``sample_rate`` or ``dataset_size`` only (refused without either); ``replace_one`` and
+    ``zero_out`` may use N.
     An epoch is ``ceil(1 / q)`` steps (opacus' convention), so its length reveals no more than q does.
     """
     if adjacency not in ADJACENCIES:
@@ -51,7 +58,7 @@ def public_rate(batch_size: int, num_samples: int, adjacency: str, sample_rate: 
             " `sample_rate=q` or `dataset_size=<a public figure>` (e.g. rounded), or declare N public with"
             " adjacency='replace_one' (epsilon then is the replace-one epsilon)."
         )
-    public_n = dataset_size if dataset_size is not None else (num_samples if adjacency == "replace_one" else None)
+    public_n = dataset_size if dataset_size is not None else (num_samples if adjacency != "add_remove" else None)
     if sample_rate is not None:
         q = float(sample_rate)
     else:

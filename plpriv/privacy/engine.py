@@ -44,6 +44,7 @@ from plpriv.privacy.budget import BudgetPlan
 from plpriv.privacy.contract import PublicBatch
 from plpriv.privacy.ledger import EpsilonLedger
 from plpriv.privacy.mechanisms import GaussianMechanism, Mechanism
+from plpriv.privacy.participation import Participation
 from plpriv.privacy.per_sample import GRAD_SAMPLE_MODES, PerSampleHooks
 from plpriv.privacy.poisson import PoissonDataLoader, sampler_support
 from plpriv.privacy.secret_file import read_secret, secret_path, write_secret
@@ -97,6 +98,8 @@ class DPEngine:
             raise ValueError(f"{type(mechanism).__name__} needs per-sample gradients, which ghost clipping never forms:"
                              " use grad_sample_mode='hooks' or 'functorch'.")
         self.adjacency, self.dataset_size = check_public_size(adjacency, dataset_size, sample_rate, target_delta)
+        if mechanism is not None:
+            mechanism.check_run(bool(poisson_sampling), self.adjacency, bool(secure_mode))
         if accountant == "gdp":
             warn("DPSGD(accountant='gdp') uses the CLT approximation, which can underestimate epsilon.")
         self.target_delta = None if target_delta is None else float(target_delta)
@@ -175,17 +178,23 @@ class DPEngine:
         (agreed by all ranks). Without a kept secret a resumed run draws fresh noise: same epsilon and steps."""
         if self.secure_mode:
             return
-        seed, note = self.seed, ""
+        seed, note, lost = self.seed, "", False
         if world.is_zero and seed is None:
             if self.run_id is not None and secret_dir is not None and resuming:
                 seed = read_secret(secret_dir, self.run_id)
                 if seed is None:
                     note = (f"DPSGD: no secret file {secret_path(secret_dir, self.run_id)}: continuing with fresh noise"
                             " and sampling (accounting unchanged; not bit-identical to an uninterrupted run).")
+            lost = resuming and self.steps > 0 and seed is None
             if seed is None:
                 seed = seeding.fresh_seed()
         run_id = self.run_id or uuid.uuid4().hex
-        seed, self.run_id = world.broadcast((seed, run_id))
+        seed, self.run_id, lost = world.broadcast((seed, run_id, lost))
+        if lost and self.mechanism.needs_kept_secret:  # every rank raises (the flag was broadcast)
+            raise ValueError(
+                f"DPSGD: {type(self.mechanism).__name__} adds noise correlated across steps; resuming with fresh noise"
+                " would be a second release that its epsilon does not cover. Resume with the run's kept secret"
+                " (DPSGD(secret_dir=...) from the start of the run), or start a new run.")
         self._seed = int(seed)  # type: ignore[arg-type]
         if note:
             self.warn(note)
@@ -269,9 +278,10 @@ class DPEngine:
         return self.hooks
 
     def start(self, optimizer: Optimizer, optimizer_class: type[DPOptimizer], planned_steps: float, world: World,
-              on_step: Callable[[DPOptimizer], None]) -> DPOptimizer:
-        """Delta, sigma (the user's, the resumed run's, or calibrated for ``planned_steps``), then the mechanism's
-        opacus optimizer in place of ``optimizer``; ``on_step`` runs after every private step's noise."""
+              on_step: Callable[[DPOptimizer], None], participation: Participation | None = None) -> DPOptimizer:
+        """Delta, the mechanism's plan (``participation``: the fixed-batch loader's schema), sigma (the user's, the
+        resumed run's, or calibrated for ``planned_steps``), then the mechanism's opacus optimizer in place of
+        ``optimizer``; ``on_step`` runs after every private step's noise."""
         if self.delta is None:
             if self.public_rate is None or self.public_rate.default_delta is None:
                 raise ValueError("DPSGD: give `target_delta`: no public data set size to derive it from.")
@@ -281,6 +291,17 @@ class DPEngine:
                 self.delta >= self.public_rate.default_delta ** (1 / 1.1)):
             self.warn(f"DPSGD: delta = {self.delta:.3g} >= 1/N allows leaking a record.")
         self.budget.planned = float(planned_steps)
+        steps_per_epoch = participation.steps_per_epoch if participation is not None else (
+            self.public_rate.steps_per_epoch if self.public_rate is not None else 1)
+        if participation is not None and self.steps % participation.steps_per_epoch:
+            # Lightning restarts a plain DataLoader at its first batch when resuming mid-epoch (batch_idx goes on):
+            # the examples of the epoch's first batches would take part twice within b steps
+            raise ValueError(
+                f"DPSGD: resuming at step {self.steps}, inside an epoch of {participation.steps_per_epoch} steps:"
+                " Lightning restarts the train loader at its first batch, so those examples would take part twice"
+                " in one epoch, which the participation schema does not cover. Resume from an end-of-epoch"
+                " checkpoint (e.g. ModelCheckpoint(save_on_train_epoch_end=True), or `--ckpt_path last`).")
+        self.mechanism.plan(planned_steps, steps_per_epoch, participation)  # type: ignore[arg-type]
         self.effective_noise_multiplier = self.budget.noise_multiplier(world)
         self.loaded = None
         device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
@@ -380,6 +401,7 @@ class DPEngine:
                 " accountant then composes both parts of the history)."
             )
         self.ledger.load_state_dict(accountant)
+        self.mechanism.resume(state)
         if sigma is not None:
             self.effective_noise_multiplier = sigma
         self.sample_rate = state.get("sample_rate")

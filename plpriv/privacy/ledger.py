@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from plpriv.privacy.adjacency import ADJACENCIES, replace_one_epsilon
+from plpriv.privacy.adjacency import ADJACENCIES, DIRECT, replace_one_epsilon
 from plpriv.privacy.accounting import ACCOUNTANTS, History, extend_history, max_steps_within_budget, num_steps
 from plpriv.privacy.mechanisms import GaussianMechanism, Mechanism
 
@@ -49,8 +49,8 @@ class EpsilonLedger:
     Args:
         accountant: opacus accountant, ``"prv"``, ``"rdp"`` or ``"gdp"``.
         memoize: share results of identical accounting questions across ledgers of this process.
-        adjacency: ``"add_remove"`` (the accountants' relation) or ``"replace_one"`` (group privacy of two
-            add/remove steps, :func:`plpriv.privacy.adjacency.replace_one_epsilon`).
+        adjacency: ``"add_remove"`` or ``"zero_out"`` (the accountant's value) or ``"replace_one"`` (group privacy
+            of two add/remove or zero-out steps, :func:`plpriv.privacy.adjacency.replace_one_epsilon`).
     """
 
     def __init__(self, accountant: str = "prv", *, memoize: bool = False, adjacency: str = "add_remove",
@@ -98,7 +98,7 @@ class EpsilonLedger:
 
     def adjacent_epsilon(self, history: History, delta: float) -> float:
         """Epsilon of ``history`` at ``delta`` under the ledger's adjacency (uncached)."""
-        if self.adjacency == "add_remove":
+        if self.adjacency in DIRECT:
             return self.compute_epsilon(history, delta)
         return replace_one_epsilon(lambda d: self.compute_epsilon(history, d), delta)
 
@@ -142,7 +142,7 @@ class EpsilonLedger:
         """Smallest noise multiplier whose ``steps`` steps at ``sample_rate`` spend at most ``target_epsilon``."""
         key = ("calibrate", *self.mechanism_key, self.adjacency, float(target_epsilon), float(delta),
                float(sample_rate), int(steps))
-        if self.adjacency == "add_remove":
+        if self.adjacency in DIRECT:
             return self._memo(key, lambda: self.compute_calibration(target_epsilon, delta, sample_rate, steps))
         return self._memo(key, lambda: self._calibrate_replace_one(target_epsilon, delta, sample_rate, steps))
 

@@ -38,6 +38,16 @@ class Mechanism(abc.ABC):
     name: ClassVar[str]  # the record's "mechanism" and the epsilon figure's title
     title: ClassVar[str]
     needs_per_sample_gradients: ClassVar[bool] = False  # True: not with ghost clipping (it forms only their norms)
+    amplified_by_sampling: ClassVar[bool] = True  # its accountant assumes Poisson sampling (False: fixed batches)
+    needs_kept_secret: ClassVar[bool] = False  # noise correlated across steps: no resume with a fresh seed
+
+    def check_run(self, poisson_sampling: bool, adjacency: str, secure_mode: bool) -> None:
+        """Refuse, before training, a run this mechanism cannot account (raise ``ValueError`` naming the fix)."""
+
+    def plan(self, horizon: int, steps_per_epoch: int, participation: Any = None) -> None:
+        """Called before calibration with the run's public plan: ``horizon`` planned private steps,
+        ``steps_per_epoch``, and the loader's participation schema (:mod:`plpriv.privacy.participation`; ``None``
+        with Poisson sampling). Streaming mechanisms build their strategy here."""
 
     @abc.abstractmethod
     def accountant(self, accountant: str = "prv") -> IAccountant:
@@ -54,6 +64,9 @@ class Mechanism(abc.ABC):
     def calibrate(self, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                   accountant: str = "prv") -> float:
         """Smallest noise multiplier whose ``steps`` steps at ``sample_rate`` spend at most ``target_epsilon``."""
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """A checkpoint's record/state was accepted (no :meth:`changes`): adopt what binds the resumed run."""
 
     def optimizer_class(self, base: type[DPOptimizer]) -> type[DPOptimizer]:
         """The opacus optimizer class that runs the release (``base``: opacus' flat-clipping class for the run)."""
