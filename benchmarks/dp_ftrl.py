@@ -92,7 +92,7 @@ def main() -> None:
         print(f"  done {name} ({rows[-1][-1]:.0f} s)", flush=True)
     print(f"\ndigits 8x8, small_cnn width 8, {EPOCHS} epochs of batch {BATCH}, (epsilon, delta) = ({EPS}, {DELTA}),"
           f" lr from {lrs} on val, test acc mean +- 95% t-interval over seeds {seeds}")
-    print(f"| arm | lr | sigma | epsilon | test acc | CPU s |\n|---|---|---|---|---|---|")
+    print("| arm | lr | sigma | epsilon | test acc | CPU s |\n|---|---|---|---|---|---|")
     for name, lr, sigma, eps, mean, half, secs in rows:
         print(f"| {name} | {lr} | {sigma:.3f} | {eps:.3f} | {mean:.3f} +- {half:.3f} | {secs:.0f} |")
 

@@ -65,6 +65,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from plpriv.callbacks._dp_clients import ClientRounds
 from plpriv.callbacks._dp_logging import (
     dp_metrics,
     dropped_metrics_warning,
@@ -94,8 +95,9 @@ from plpriv.privacy.participation import Participation, participation_of
 from plpriv.privacy.poisson import PoissonDataLoader
 from plpriv.privacy.validation import check_loss_modules, fix_modules, private_roots, validate_modules
 
-__all__ = ["DPSGD", "PRIVACY_RECORD_KEY"]
+__all__ = ["DPSGD", "PARTICIPANTS", "PRIVACY_RECORD_KEY"]
 
+PARTICIPANTS = ("examples", "clients")
 PRIVACY_RECORD_KEY = "plpriv_privacy"  # top-level checkpoint key: what mechanism trained it, epsilon so far
 
 
@@ -149,6 +151,10 @@ class DPSGD(Callback):
         mechanism: the release of every private step and its accountant
             (:class:`~plpriv.privacy.mechanisms.GaussianMechanism` by default; e.g.
             :class:`~plpriv.privacy.sparsified_gaussian.SparsifiedMechanism`).
+        participants: ``"examples"`` (example-level DP) or ``"clients"`` (client-level DP, federated simulation: the
+            train loader yields client ids, the datamodule's ``client_batch(id)`` their data; each client's update
+            is its mean gradient, clipped as one participant; needs a mechanism that groups participants, e.g.
+            ``SparsifiedMechanism(keep_fraction=1.0)`` for client-level DP-SGD or ``MatrixFactorizationMechanism``).
         assume_independent_examples: run even when the first-step probe cannot verify that each example's gradient
             depends on that example alone (the step draws randomness the probe cannot replay): you assert it.
 
@@ -214,8 +220,20 @@ class DPSGD(Callback):
         log_training_metrics: Sequence[str] = (),
         mechanism: Mechanism | None = None,
         assume_independent_examples: bool = False,
+        participants: str = "examples",
     ) -> None:
         super().__init__()
+        if participants not in PARTICIPANTS:
+            raise ValueError(f"`participants` must be one of {PARTICIPANTS}, got {participants!r}.")
+        if participants == "clients" and not callable(getattr(mechanism, "bind_participants", None)):
+            raise ValueError(f"{type(self).__name__}(participants='clients') needs a mechanism that groups each"
+                             " client's examples into one clipped update: mechanism=SparsifiedMechanism(keep_fraction="
+                             "1.0) for client-level DP-SGD, or MatrixFactorizationMechanism(...).")
+        if participants == "clients" and max_physical_batch_size is not None:
+            raise ValueError(f"{type(self).__name__}(participants='clients') cannot split batches"
+                             f" (max_physical_batch_size={max_physical_batch_size!r}): a client split across two"
+                             " chunks would be clipped twice. Use fewer clients per round instead.")
+        self.participants = participants
         self.private_optimizers = private_optimizer_index(private_optimizers)
         self.log_training_metrics = check_metric_names(log_training_metrics)
         self.engine = DPEngine(
@@ -242,6 +260,7 @@ class DPSGD(Callback):
         self._last_log_steps: list[int] = []
         self._warned_dropped: set[str] = set()
         self._unverified: str | None = None
+        self._clients: ClientRounds | None = None
 
     @property
     @override
@@ -284,6 +303,9 @@ class DPSGD(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self.participants == "clients" and not pl_module.automatic_optimization:
+            raise ValueError(f"{type(self).__name__}(participants='clients') needs automatic optimization: it builds"
+                             " each step's batch from the sampled clients' data.")
         check_trainer(self.engine, trainer, pl_module)
         if self.secret_dir is not None:
             self.engine.check_secret_dir(self.secret_dir, artefact_dirs(trainer))
@@ -332,6 +354,9 @@ class DPSGD(Callback):
                     "DPSGD's Poisson loader is not the train loader Lightning uses; was `train_dataloader` replaced?"
                 )
             engine.restore_loader()
+        if self.participants == "clients":
+            loaders = [engine.loader] if self.poisson_sampling else flat_train_loaders(trainer)
+            self._clients = ClientRounds.check(type(self).__name__, trainer, pl_module, loaders[0].dataset)
         self._module = pl_module
         self._set_rate(trainer)
         original = trainer.strategy.optimizers[self._private_index]
@@ -350,6 +375,10 @@ class DPSGD(Callback):
         if pl_module.automatic_optimization:
             self._restore.append(wrap_training_step(engine, trainer, pl_module, self.log_guard,
                                                     self.note_unverified_independence))
+        if self._clients is not None:  # outermost: ids -> the clients' data, then the DP-wrapped step
+            sparsifier = self.mechanism.bind_participants(  # type: ignore[attr-defined]
+                dp_optimizer, engine, "clients", trainer.global_rank, trainer.world_size, trainer.world_size > 1)
+            self._restore.append(self._clients.wrap(pl_module, sparsifier))
         self._tell_module()
         rank_zero_info(start_line(engine))
         if self.log_training_metrics:
@@ -508,14 +537,18 @@ class DPSGD(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """Public state only: no seed, no generator state, no sampled indices (see the module docstring)."""
-        return self.engine.state_dict()
+        return {**self.engine.state_dict(), "participants": self.participants}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("participants", self.participants) != self.participants:
+            raise ValueError(f"{type(self).__name__}: the checkpoint was trained with another mechanism (participants"
+                             f" {state_dict['participants']!r} -> {self.participants!r}); the accountant cannot compose"
+                             " them. Resume with the checkpoint's settings or start a new run.")
         self.engine.load_state_dict(state_dict)
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.dp_optimizer is None and not self.history:
             return
-        checkpoint[PRIVACY_RECORD_KEY] = self.engine.record()
+        checkpoint[PRIVACY_RECORD_KEY] = {**self.engine.record(), "participants": self.participants}

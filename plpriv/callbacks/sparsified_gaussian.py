@@ -48,46 +48,16 @@ with clients: manual optimization and ``max_physical_batch_size``.
 
 from __future__ import annotations
 
-import functools
-from collections import Counter
 from collections.abc import Sequence
-from typing import Any
 
-import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from plpriv.callbacks._dp_training_step import batch_size_of
-from plpriv.callbacks.dp_sgd import DPSGD, PRIVACY_RECORD_KEY
+from plpriv.callbacks.dp_sgd import DPSGD, PARTICIPANTS
 from plpriv.privacy.sparsified_gaussian import MASKS, SparsifiedMechanism, check_keep_fraction, epsilon_lower_bound
 from plpriv.privacy.sparsified_step import Sparsifier
 
 __all__ = ["PARTICIPANTS", "SparsifiedGaussian"]
-
-PARTICIPANTS = ("examples", "clients")
-
-
-def _cat(batches: Sequence[Any]) -> Any:
-    """Concatenate collated batches along dim 0 (tensors, tuples / lists, dicts)."""
-    first = batches[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(list(batches), 0)
-    if isinstance(first, dict):
-        return type(first)({k: _cat([b[k] for b in batches]) for k in first})
-    if isinstance(first, (list, tuple)):
-        return type(first)(_cat([b[i] for b in batches]) for i in range(len(first)))
-    raise ValueError(f"SparsifiedGaussian: cannot concatenate client batches of type {type(first).__name__}.")
-
-
-def _empty(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[:0]
-    if isinstance(batch, dict):
-        return type(batch)({k: _empty(v) for k, v in batch.items()})
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_empty(v) for v in batch)
-    return batch
 
 
 class SparsifiedGaussian(DPSGD):
@@ -132,17 +102,11 @@ class SparsifiedGaussian(DPSGD):
         log_training_metrics: Sequence[str] = (),
     ) -> None:
         keep_fraction = check_keep_fraction(keep_fraction)
-        if participants not in PARTICIPANTS:
-            raise ValueError(f"`participants` must be one of {PARTICIPANTS}, got {participants!r}.")
         if mask not in MASKS:
             raise ValueError(f"`mask` must be one of {MASKS}, got {mask!r}.")
         if grad_sample_mode == "ghost":
             raise ValueError("SparsifiedGaussian cannot use grad_sample_mode='ghost': ghost clipping never forms the"
                              " per-sample gradients the masks select coordinates of. Use 'hooks' or 'functorch'.")
-        if participants == "clients" and max_physical_batch_size is not None:
-            raise ValueError("SparsifiedGaussian(participants='clients') cannot split batches"
-                             f" (max_physical_batch_size={max_physical_batch_size!r}): a client split across two"
-                             " chunks would be clipped twice. Use fewer clients per round instead.")
         super().__init__(
             max_grad_norm, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, target_delta=target_delta,
             accountant=accountant, sample_rate=sample_rate, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
@@ -151,11 +115,9 @@ class SparsifiedGaussian(DPSGD):
             allow_mechanism_change=allow_mechanism_change, plot=plot, memoize_accounting=memoize_accounting,
             adjacency=adjacency, dataset_size=dataset_size, secret_dir=secret_dir,
             log_training_metrics=log_training_metrics, mechanism=SparsifiedMechanism(keep_fraction, mask),
+            participants=participants,
         )
-        self.participants = participants
         self._sparsifier: Sparsifier | None = None
-        self._client_source: Any = None
-        self._first_client = 0
 
     @property
     def keep_fraction(self) -> float:
@@ -166,78 +128,12 @@ class SparsifiedGaussian(DPSGD):
         return self.engine.mechanism.mask
 
     # ------------------------------------------------------------------ set-up
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and self.participants == "clients" and not pl_module.automatic_optimization:
-            raise ValueError("SparsifiedGaussian(participants='clients') needs automatic optimization: it builds each"
-                             " step's batch from the sampled clients' data.")
-        super().setup(trainer, pl_module, stage)
-
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.participants == "clients":
-            self._check_clients(trainer, pl_module)
         super().on_train_start(trainer, pl_module)
-        sparse = self.participants == "clients" and trainer.world_size > 1
-        self._sparsifier = self.engine.mechanism.bind_participants(  # clients: re-bound with their participants
-            self.dp_optimizer, self.engine, self.participants, trainer.global_rank, trainer.world_size, sparse)
-        if self.participants == "clients":
-            self.add_teardown(self._wrap_client_step(pl_module))
+        self._sparsifier = self.dp_optimizer.sparsifier  # type: ignore[union-attr]  # bound by the mechanism
+        sparse = self._sparsifier is not None and self._sparsifier.sparse_exchange
         rank_zero_info(f"SparsifiedGaussian: keep_fraction={self.keep_fraction:g} ({self.mask} masks),"
                        f" participants={self.participants}{', kept values exchanged by all_gather' if sparse else ''}.")
-
-    def _check_clients(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        source = next((s for s in (trainer.datamodule, pl_module) if callable(getattr(s, "client_batch", None))),
-                      None)
-        if source is None:
-            raise ValueError("SparsifiedGaussian(participants='clients') needs a datamodule (or module) with"
-                             " `client_batch(client_id)` returning that client's data, and a train loader of client"
-                             " ids (e.g. plpriv.data.FederatedDigits).")
-        loader = self.train_loader
-        ids = [int(loader.dataset[i]) for i in range(len(loader.dataset))]  # type: ignore[union-attr]
-        repeated = sorted((i, m) for i, m in Counter(ids).items() if m > 1)
-        if repeated:
-            listed = ", ".join(f"{i} ({m} times)" for i, m in repeated[:10]) + (" ..." if len(repeated) > 10 else "")
-            raise ValueError("SparsifiedGaussian(participants='clients'): the train loader's dataset lists client ids"
-                             f" more than once: {listed}. A client listed m times is sampled up to m times a round"
-                             " and its update counted m times (sensitivity m x max_grad_norm, accounted as one). List"
-                             " every client id once (e.g. plpriv.data.ClientIds(num_clients)).")
-        known = set(int(i) for i in source.client_ids()) if callable(getattr(source, "client_ids", None)) else None
-        missing = [i for i in ids if (known is not None and i not in known)]
-        if known is None:
-            for i in ids:
-                try:
-                    if batch_size_of(source.client_batch(i)) <= 0:
-                        missing.append(i)
-                except (KeyError, IndexError):
-                    missing.append(i)
-        if missing:
-            raise ValueError(f"SparsifiedGaussian(participants='clients'): the train loader yields client ids"
-                             f" {missing[:10]}{' ...' if len(missing) > 10 else ''} that have no data in"
-                             f" {type(source).__name__} (ids with data: client_ids()).")
-        self._client_source, self._first_client = source, ids[0]
-
-    def _wrap_client_step(self, pl_module: LightningModule) -> Any:
-        """Client ids -> the sampled clients' data, concatenated; the optimizer learns which example is whose."""
-        dp_step, source, sparsifier = pl_module.training_step, self._client_source, self._sparsifier
-        first = self._first_client  # an empty round still needs the batch structure
-
-        @functools.wraps(dp_step)
-        def client_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
-            ids = batch[0] if isinstance(batch, (list, tuple)) else batch
-            ids = [int(i) for i in torch.as_tensor(ids).reshape(-1).tolist()]
-            if len(set(ids)) != len(ids):  # _check_clients refused repeated ids; the dataset changed since?
-                raise RuntimeError(f"SparsifiedGaussian(participants='clients'): a round sampled client ids"
-                                   f" {sorted(i for i, m in Counter(ids).items() if m > 1)} more than once; every"
-                                   " client id must be listed once in the train loader's dataset.")
-            batches = [source.client_batch(i) for i in ids]
-            sizes = [batch_size_of(b) for b in batches]
-            data = _cat(batches) if batches else _empty(source.client_batch(first))
-            sparsifier.keys = ids  # type: ignore[union-attr]
-            counts = torch.tensor(sizes, dtype=torch.long) if sizes else torch.zeros(0, dtype=torch.long)
-            sparsifier.groups = torch.repeat_interleave(torch.arange(len(ids)), counts)  # type: ignore[union-attr]
-            return dp_step(move_data_to_device(data, pl_module.device), *args, **kwargs)
-
-        pl_module.training_step = client_step  # type: ignore[method-assign]
-        return lambda: setattr(pl_module, "training_step", dp_step)
 
     # ------------------------------------------------------------------ logging, records, state
     def log_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -272,18 +168,3 @@ class SparsifiedGaussian(DPSGD):
                            f" {stats.get('comm/bytes_per_step', 0):.0f} bytes in expectation instead of"
                            f" {stats.get('comm/dense_bytes_per_step', 0):.0f} dense"
                            f" (expected participants B={self.expected_batch_size:g}).")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "participants": self.participants}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("participants", self.participants) != self.participants:
-            raise ValueError(f"SparsifiedGaussian: the checkpoint was trained with another mechanism (participants"
-                             f" {state_dict['participants']!r} -> {self.participants!r}); the accountant cannot compose"
-                             " them. Resume with the checkpoint's settings or start a new run.")
-        super().load_state_dict(state_dict)
-
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if PRIVACY_RECORD_KEY in checkpoint:
-            checkpoint[PRIVACY_RECORD_KEY]["participants"] = self.participants

@@ -8,7 +8,7 @@ Made for :class:`plpriv.callbacks.SparsifiedGaussian` with ``participants="clien
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from plpriv.data.base import EpochSeededRandomSampler
 from plpriv.data.embedded import DigitsDataModule
@@ -73,6 +73,8 @@ class FederatedDigits(DigitsDataModule):
         batch_size: evaluation batch size.
         image_size, channels, val_fraction, test_fraction, seed: as :class:`DigitsDataModule` (the seed also seeds
             the partition and the per-epoch order of client ids).
+        shuffle: a seeded order of client ids every epoch (default); ``False``: the same order every epoch (fixed
+            rounds: DP-FTRL's fixed-order participation, ``DPSGD(poisson_sampling=False)``).
     """
 
     def __init__(
@@ -87,9 +89,10 @@ class FederatedDigits(DigitsDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__(batch_size=batch_size, image_size=image_size, channels=channels, val_fraction=val_fraction,
-                         test_fraction=test_fraction, seed=seed)
+                         test_fraction=test_fraction, seed=seed, shuffle=shuffle)
         if partition not in PARTITIONS:
             raise ValueError(f"`partition` must be one of {PARTITIONS}, got {partition!r}.")
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
@@ -128,4 +131,5 @@ class FederatedDigits(DigitsDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ids = ClientIds(self.num_clients)
-        return DataLoader(ids, batch_size=self.clients_per_round, sampler=EpochSeededRandomSampler(ids, seed=self.seed))
+        sampler = EpochSeededRandomSampler(ids, seed=self.seed) if self.shuffle else SequentialSampler(ids)
+        return DataLoader(ids, batch_size=self.clients_per_round, sampler=sampler)

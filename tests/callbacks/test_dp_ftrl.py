@@ -205,3 +205,49 @@ def test_ddp_equals_the_single_process_run(tmp_path: Path) -> None:
     for a, b, s in zip(r0["params"], r1["params"], single["params"]):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, s, atol=1e-10, rtol=0)
+
+
+def test_clients_mode_federated_rounds(tmp_path: Path) -> None:
+    """Client-level DP-FTRL on FederatedDigits with fixed rounds: 12 clients, 4 per round, 3 rounds per epoch: every
+    client takes part once per epoch at the same round (k = 2 epochs, b = 3); each client's update (its mean gradient)
+    is clipped as one participant, so the step's noiseless sum has norm <= 4 C."""
+    from plpriv.data import FederatedDigits
+    from plpriv.modules import ImageClassifier
+
+    cb = ftrl("bsr", participants="clients", seed=2, noise_multiplier=0.0, target_delta=1e-3)
+    data = FederatedDigits(num_clients=12, clients_per_round=4, image_size=8, shuffle=False)
+    model = ImageClassifier(backbone="small_cnn", num_classes=10, in_chans=1, norm="group",
+                            backbone_kwargs={"act": "tanh", "width": 4})
+    norms: list[float] = []
+
+    class Norm(Callback):
+        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+            norms.append(float(torch.cat([p.summed_grad.flatten() for p in cb.dp_optimizer.params]).norm()))
+
+    make_trainer(tmp_path, [cb, Norm()], max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0).fit(model, data)
+    record = cb.engine.record()
+    assert cb.steps == 6 and (record["participation"], record["min_separation"], record["max_participations"]) == (
+        "fixed-order", 3, 2)
+    assert record["sensitivity"] == pytest.approx(2 ** 0.5)
+    assert max(norms) <= 4.0 + 1e-5 and min(norms) > 0.5  # 4 clipped client updates of norm <= 1
+    with pytest.raises(ValueError, match="groups each"):
+        DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, target_delta=1e-3, dataset_size=12, participants="clients")
+
+
+def test_recipe_trains_and_accounts(tmp_path: Path) -> None:
+    from plpriv.cli import PlprivCLI
+
+    cli = PlprivCLI(
+        args=["-c", str(ROOT / "recipes/streaming/digits_ftrl.yaml"), "--trainer.max_epochs=2",
+              f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
+              "--trainer.num_sanity_val_steps=0", "--trainer.accelerator=cpu", "--data.init_args.image_size=8",
+              "--model.init_args.backbone_kwargs={act: tanh, width: 4}"],
+        run=False,
+    )
+    (dp,) = [c for c in cli.trainer.callbacks if isinstance(c, DPSGD)]
+    assert isinstance(dp.mechanism, MatrixFactorizationMechanism) and dp.mechanism.strategy_name == "bsr"
+    cli.trainer.fit(cli.model, cli.datamodule)
+    record = dp.engine.record()
+    assert (record["participation"], record["horizon"], record["max_participations"]) == ("fixed-order", 46, 2)
+    assert dp.get_epsilon() == pytest.approx(4.0, rel=1e-6)
