@@ -249,10 +249,14 @@ class RRSC:
             out[s] = self._decode(indices[s], _haar_frames(self.dim, self.M, seeds[s], self.dtype))
         return out
 
+    def privatize(self, x: torch.Tensor, seeds: Seeds, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[3]-[4] Every user's sent index, decoded by the server (each rotation built once): [n, d]."""
+        x, seeds = self._check(x, seeds)
+        return self._encode(x, seeds, generator, decode=True)[1]  # type: ignore[return-value]
+
     def estimate_mean(self, x: torch.Tensor, seeds: Seeds, generator: torch.Generator | None = None) -> torch.Tensor:
         """[5] Encode and decode every user (each rotation built once) and average: the estimate of mean(x), [d]."""
-        x, seeds = self._check(x, seeds)
-        return self._encode(x, seeds, generator, decode=True)[1].mean(0)
+        return self.privatize(x, seeds, generator).mean(0)
 
 
 class PrivUnitG:

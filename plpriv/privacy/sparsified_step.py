@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -166,6 +166,7 @@ class Sparsifier:
         self.groups: torch.Tensor | None = None  # clients: participant index of every example
         self.consumed = 0  # examples: local examples of this step already clipped (virtual steps)
         self.realised: dict[str, float] = {}  # UNPUBLISHED: the last step's realised counts
+        self.local: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None  # a local randomizer of rows
 
     def public_stats(self) -> dict[str, float]:
         """The comm numbers as public expectations: B, d, element size, gamma (and W, rank under DDP); never N."""
@@ -190,7 +191,7 @@ class Sparsifier:
 
     @property
     def active(self) -> bool:
-        return self.kind == "clients" or self.keep_fraction < 1.0
+        return self.kind == "clients" or self.keep_fraction < 1.0 or self.local is not None
 
     def participants(self, n: int) -> tuple[list[int], torch.Tensor | None]:
         if self.kind == "clients":
@@ -210,6 +211,8 @@ class Sparsifier:
 
     def aggregate(self, updates: torch.Tensor, keys: list[int]) -> torch.Tensor:
         """Sum over participants of their clipped, masked updates ([P, d]); records what they send."""
+        if self.local is not None:  # each participant randomizes its own clipped update before it leaves
+            updates = self.local(updates, keys)
         dim = updates.shape[1]
         masks = self.masks(keys, dim)
         packed = updates.reshape(-1) if masks is None else pack(updates, masks)
