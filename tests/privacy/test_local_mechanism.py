@@ -102,3 +102,21 @@ def test_refusals(tmp_path: Path) -> None:
                adjacency="zero_out", mechanism=LocalRandomizerMechanism("privunitg"), seed=0)
     with pytest.raises(ValueError, match="no central noise"):
         make_trainer(tmp_path, [dp], max_epochs=1).fit(ToyClassifier(), FixedData(n=24, batch_size=6))
+
+
+def test_recipe_trains_and_accounts(tmp_path: Path) -> None:
+    from plpriv.cli import PlprivCLI
+
+    root = Path(__file__).resolve().parents[2]
+    cli = PlprivCLI(
+        args=["-c", str(root / "recipes/streaming/digits_clients_rrsc.yaml"), "--trainer.max_epochs=1",
+              f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--trainer.limit_val_batches=0",
+              "--trainer.num_sanity_val_steps=0", "--data.init_args.num_clients=30",
+              "--data.init_args.clients_per_round=10"],
+        run=False,
+    )
+    (dp,) = [c for c in cli.trainer.callbacks if isinstance(c, DPSGD)]
+    assert isinstance(dp.mechanism, LocalRandomizerMechanism) and dp.mechanism.randomizer == "rrsc"
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert dp.steps == 3 and dp.get_epsilon() == 2.0
