@@ -171,14 +171,29 @@ DDP_SCRIPT = textwrap.dedent(
     from _dp_toy import ToyClassifier
     from test_dp_ftrl import FixedData, ftrl
 
-    out, devices, keep = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    cb = ftrl("optimized_banded", keep=keep, seed=4)
+    out, devices, participants = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    cb = ftrl("optimized_banded", seed=4, participants=participants)
     model = ToyClassifier(lr=0.5, hidden=16).double()
     trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=2,
                       precision="64-true", callbacks=[cb], logger=False, enable_checkpointing=False,
                       use_distributed_sampler=False,  # FixedData's own DistributedSampler(shuffle=False)
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
-    trainer.fit(model, FixedData(n=24, batch_size=8 // devices, own_sampler=True))
+    if participants == "clients":
+        from torch.utils.data import DataLoader, DistributedSampler
+        from test_sparsified_gaussian import ToyClients
+        from plpriv.data.federated import ClientIds
+
+        class FixedClients(ToyClients):
+            def train_dataloader(self):
+                ids = ClientIds(self.clients)
+                sampler = (DistributedSampler(ids, devices, trainer.global_rank, shuffle=False) if devices > 1
+                           else None)
+                return DataLoader(ids, batch_size=self.clients_per_round // devices, sampler=sampler)
+
+        data = FixedClients(clients=16, per_client=3, clients_per_round=4, dtype=torch.float64)
+    else:
+        data = FixedData(n=24, batch_size=8 // devices, own_sampler=True)
+    trainer.fit(model, data)
     torch.save({"params": [p.detach() for p in model.parameters()], "steps": cb.steps,
                 "epsilon": cb.get_epsilon()}, f"{out}/rank{trainer.global_rank}_of{devices}.pt")
     """
@@ -186,22 +201,26 @@ DDP_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.distributed
-def test_ddp_equals_the_single_process_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("participants", ["examples", pytest.param("clients", marks=pytest.mark.slow)])
+def test_ddp_equals_the_single_process_run(tmp_path: Path, participants: str) -> None:
     """2 gloo processes, each with a DistributedSampler(shuffle=False) (fixed order: the same global batches as one
     process with twice the batch size): same steps, epsilon and weights; the noise is added once (rank zero).
-    (Lightning's own injected sampler shuffles: accounted as reshuffled epochs, the general bound.)"""
+    (Lightning's own injected sampler shuffles: accounted as reshuffled epochs, the general bound.) Clients (slow):
+    each rank hosts half of every round's clients, the ranks exchange the clipped sums and each adds the same
+    seeded correlated noise."""
     script = tmp_path / "ddp_ftrl.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT / "tests" / "callbacks"),
                                                       str(ROOT), env.get("PYTHONPATH")]))
     for devices in (2, 1):
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices), "1.0"], cwd=tmp_path,
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices), participants], cwd=tmp_path,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}_of2.pt") for r in (0, 1))
     single = torch.load(tmp_path / "rank0_of1.pt")
-    assert r0["steps"] == single["steps"] == 6 and r0["epsilon"] == single["epsilon"]
+    assert r0["steps"] == single["steps"] == (6 if participants == "examples" else 8)
+    assert r0["epsilon"] == single["epsilon"]
     for a, b, s in zip(r0["params"], r1["params"], single["params"]):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, s, atol=1e-10, rtol=0)
