@@ -6,15 +6,13 @@ process."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _helpers import run_script
 from _dp_toy import ToyClassifier, ToyData, ZeroGradModel
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -210,13 +208,8 @@ def test_ddp_equals_the_single_process_run(tmp_path: Path, participants: str) ->
     seeded correlated noise."""
     script = tmp_path / "ddp_ftrl.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT / "tests" / "callbacks"),
-                                                      str(ROOT), env.get("PYTHONPATH")]))
     for devices in (2, 1):
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices), participants], cwd=tmp_path,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-4000:]
+        run_script(script, [str(tmp_path), str(devices), participants], tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}_of2.pt") for r in (0, 1))
     single = torch.load(tmp_path / "rank0_of1.pt")
     assert r0["steps"] == single["steps"] == (6 if participants == "examples" else 8)

@@ -7,13 +7,11 @@ Poisson batch and split it, the DDP run is the single-process run up to floating
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from _helpers import run_script
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,11 +42,7 @@ SCRIPT = textwrap.dedent(
 def _run(tmp_path: Path, devices: int, physical: str, mode: str) -> None:
     script = tmp_path / "ddp_dp_sgd.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices), physical, mode], cwd=tmp_path,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    run_script(script, [str(tmp_path), str(devices), physical, mode], tmp_path, timeout=300)
 
 
 @pytest.mark.distributed

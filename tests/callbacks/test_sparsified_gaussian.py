@@ -13,15 +13,13 @@ Facts used:
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _helpers import run_script
 from _dp_toy import PROBE_CALLS, ToyClassifier, ToyData, toy_tensors
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -358,13 +356,8 @@ def test_ddp_exchanges_kept_values_only_and_equals_the_single_process_run(tmp_pa
     global batch position, DP-SGD's dense all-reduce of the noised sum."""
     script = tmp_path / "ddp_sparsified.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT / "tests" / "callbacks"),
-                                                      str(ROOT), env.get("PYTHONPATH")]))
     for devices in (2, 1):
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices), participants], cwd=tmp_path,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-4000:]
+        run_script(script, [str(tmp_path), str(devices), participants], tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}_of2.pt") for r in (0, 1))
     single = torch.load(tmp_path / "rank0_of1.pt")
     for a, b, s in zip(r0["params"], r1["params"], single["params"]):
