@@ -38,6 +38,7 @@ SEEDS = (0, 1, 2, 3, 4)
 ARMS: dict[str, dict] = {
     "DP-SGD, no amplification (identity)": dict(strategy="identity"),
     "tree aggregation": dict(strategy="tree"),
+    "tree, restarted every epoch": dict(strategy="tree-restart"),
     "BSR (MF)": dict(strategy="bsr"),
     "BSR sparsified 10x": dict(strategy="bsr", keep=0.1),
     "BSR sparsified 100x": dict(strategy="bsr", keep=0.01),
@@ -45,14 +46,14 @@ ARMS: dict[str, dict] = {
 }
 
 
-def run(arm: dict, lr: float, seed: int) -> tuple[float, float, float, float]:
+def run(arm: dict, lr: float, seed: int, momentum: float = 0.9) -> tuple[float, float, float, float]:
     """(val accuracy, test accuracy, sigma, epsilon) of one arm."""
     seed_everything(seed, verbose=False)
     poisson = arm["strategy"] is None
     data = DigitsDataModule(batch_size=BATCH, image_size=8, seed=0, shuffle=poisson)
     model = ImageClassifier(backbone="small_cnn", num_classes=10, in_chans=1, norm="group",
                             backbone_kwargs={"act": "tanh", "width": 8},
-                            optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9))
+                            optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=momentum))
     common = dict(max_grad_norm=1.0, target_epsilon=EPS, target_delta=DELTA, accountant="rdp", plot=False,
                   seed=1000 + seed)  # fixed noise seeds: a rerun reproduces the table (never for a reported run)
     if poisson:
@@ -76,7 +77,7 @@ def rmse_table() -> None:
     n = EPOCHS * steps_per_epoch
     print(f"prefix-sum RMSE x sensitivity, n = {n} steps, fixed order: k = {EPOCHS}, b = {steps_per_epoch}")
     print("| strategy | sensitivity | RMSE |\n|---|---|---|")
-    for name in ("identity", "tree", "bsr"):
+    for name in ("identity", "tree", "tree-restart", "bsr"):
         mech = MatrixFactorizationMechanism(name)
         mech.plan(n, steps_per_epoch, Participation("fixed-order", steps_per_epoch, n))
         print(f"| {name} | {mech.sens:.3f} | {mech.strategy.rmse(mech.sens):.2f} |")  # type: ignore[union-attr]
@@ -92,21 +93,26 @@ def interval(values: list[float]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--momentum", type=float, default=0.9, help="0: plain SGD, the prefix-sum workload itself")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None)
+    parser.add_argument("--arms", nargs="+", default=None, help="substrings of the arm names to run")
     args = parser.parse_args()
-    seeds, lrs = ((0,), (0.2,)) if args.quick else (SEEDS, LRS)
+    seeds, lrs = ((0,), (0.2,)) if args.quick else (SEEDS, tuple(args.lrs or LRS))
+    arms = {k: v for k, v in ARMS.items() if not args.arms or any(a in k for a in args.arms)}
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     rmse_table()
     rows = []
-    for name, arm in ARMS.items():
+    for name, arm in arms.items():
         start = time.perf_counter()
-        results = {lr: [run(arm, lr, s) for s in seeds] for lr in lrs}
+        results = {lr: [run(arm, lr, s, args.momentum) for s in seeds] for lr in lrs}
         best = max(lrs, key=lambda lr: np.mean([r[0] for r in results[lr]]))
         test = interval([r[1] for r in results[best]])
         rows.append((name, best, results[best][0][2], results[best][0][3], *test, time.perf_counter() - start))
         print(f"  done {name} ({rows[-1][-1]:.0f} s)", flush=True)
-    print(f"\ndigits 8x8, small_cnn width 8, {EPOCHS} epochs of batch {BATCH}, (epsilon, delta) = ({EPS}, {DELTA}),"
+    print(f"\ndigits 8x8, small_cnn width 8, {EPOCHS} epochs of batch {BATCH}, SGD momentum {args.momentum},"
+          f" (epsilon, delta) = ({EPS}, {DELTA}),"
           f" lr from {lrs} on val, test acc mean +- 95% t-interval over seeds {seeds}")
     print("| arm | lr | sigma | epsilon | test acc | CPU s |\n|---|---|---|---|---|---|")
     for name, lr, sigma, eps, mean, half, secs in rows:

@@ -84,11 +84,12 @@ __all__ = [
     "sensitivity",
     "strategy",
     "tree",
+    "tree_restarts",
     "true_max_participations",
 ]
 
 DTYPE = torch.float64
-STRATEGIES = ("identity", "tree", "bsr", "optimized_banded")
+STRATEGIES = ("identity", "tree", "tree-restart", "bsr", "optimized_banded")
 RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))  # opacus' RDP
 
 
@@ -224,6 +225,33 @@ def tree(n: int, efficient: bool = False) -> Strategy:
     return Strategy(name="tree-efficient" if efficient else "tree", B=B, C=C, noise=_difference(B), bands=None)
 
 
+def tree_restarts(n: int, every: int, efficient: bool = False) -> Strategy:
+    """DP-FTRL's tree restarted every ``every`` steps (Kairouz et al. 2021, Sec. 4, "tree restart" per epoch): one
+    tree per block of ``every`` steps (the last block may be shorter), C block-diagonal (Eq. TR1); the released prefix
+    sum at step t is the sum of the finished blocks' full-block estimates plus the current block's own prefix (Eq. TR2,
+    ``B[t] = sum_{blocks e < cur} B_e[last] + B_cur[t]``), so A = B C still holds. Columns of different blocks are
+    orthogonal: with one participation per block (fixed-order epochs, every = steps per epoch) the sensitivity is
+    exactly ``sqrt(sum_epochs (floor(log2 every) + 1))`` (the fact sheet's restart RDP, alpha sum depth / (2 sigma^2))."""
+    _check_n(n)
+    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every:
+        raise ValueError(f"`every` must be a positive int, got {every!r}.")
+    blocks = [tree(min(every, n - start), efficient) for start in range(0, n, every)]
+    m = sum(b.draws for b in blocks)
+    C = torch.zeros(m, n, dtype=DTYPE)
+    B = torch.zeros(n, m, dtype=DTYPE)
+    row = col = 0
+    finished = torch.zeros(m, dtype=DTYPE)  # sum of the finished blocks' full-block estimates (Eq. TR2)
+    for block in blocks:
+        k, r = block.n, block.draws
+        C[row:row + r, col:col + k] = block.C  # Eq. TR1
+        B[col:col + k] = finished
+        B[col:col + k, row:row + r] += block.B
+        finished = B[col + k - 1].clone()
+        row, col = row + r, col + k
+    name = "tree-efficient-restart" if efficient else "tree-restart"
+    return Strategy(name=name, B=B, C=C, noise=_difference(B), bands=None)
+
+
 def bsr_coefficients(p: int) -> torch.Tensor:
     """The first p Toeplitz coefficients of A^{1/2}: the series of (1 - x)^{-1/2}, ``c_k = binom(2k, k) / 4^k``
     (Eq. BSR1), computed as ``c_0 = 1, c_k = c_{k-1} (2k - 1) / (2k)`` (jax_privacy
@@ -318,6 +346,8 @@ def strategy(name: str, n: int, bands: int | None = None, **kwargs: Any) -> Stra
         return identity(n)
     if name == "tree":
         return tree(n, **kwargs)
+    if name == "tree-restart":
+        return tree_restarts(n, **kwargs)
     if name == "bsr":
         return bsr(n, bands, **kwargs)
     if name == "optimized_banded":

@@ -61,7 +61,7 @@ from plpriv.privacy.streaming import NoiseStream, correlated_class
 
 __all__ = ["MF_STRATEGIES", "MatrixFactorizationMechanism", "SparsifiedMatrixAccountant"]
 
-MF_STRATEGIES = ("identity", "tree", "tree-efficient", "bsr", "optimized_banded")
+MF_STRATEGIES = ("identity", "tree", "tree-efficient", "tree-restart", "bsr", "optimized_banded")
 NOISE_TAG = "mf-noise"
 
 
@@ -91,7 +91,8 @@ class MatrixFactorizationMechanism(SparsifiedMechanism):
 
     Args:
         strategy: ``"identity"`` (DP-SGD without amplification), ``"tree"`` / ``"tree-efficient"`` (binary-tree
-            aggregation, Kairouz et al. 2021), ``"bsr"`` (column-normalised banded square root), or
+            aggregation over the whole run, Kairouz et al. 2021), ``"tree-restart"`` (an efficient tree restarted
+            every epoch, their multi-epoch DP-FTRL), ``"bsr"`` (column-normalised banded square root), or
             ``"optimized_banded"`` (banded C minimising the prefix-sum error, Choquette-Choo et al. 2023; O(n^3) per
             L-BFGS iteration: horizons up to a few hundred steps).
         bands: b for ``bsr`` / ``optimized_banded``; default the steps per epoch (then fixed-order participations are
@@ -160,6 +161,7 @@ class MatrixFactorizationMechanism(SparsifiedMechanism):
         if self.strategy_name in ("bsr", "optimized_banded"):
             bands = min(n, bands if bands is not None else participation.steps_per_epoch)
         if self.strategy is None or self.strategy.n != n or self.participation != participation:
+            self.participation_steps = participation.steps_per_epoch
             self.strategy = self._build(n, bands)
         self.participation = participation
         self.sens = self.strategy.sensitivity(min_sep=participation.min_separation,
@@ -168,6 +170,8 @@ class MatrixFactorizationMechanism(SparsifiedMechanism):
     def _build(self, n: int, bands: int | None) -> Strategy:
         if self.strategy_name == "tree-efficient":
             return make_strategy("tree", n, efficient=True)
+        if self.strategy_name == "tree-restart":  # one (efficient) tree per epoch
+            return make_strategy("tree-restart", n, every=self.participation_steps, efficient=True)
         if self.strategy_name == "bsr":
             return make_strategy("bsr", n, bands, normalize=True)
         if self.strategy_name == "optimized_banded":

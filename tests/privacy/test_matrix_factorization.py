@@ -403,3 +403,20 @@ def test_calibration_round_trip(method: str) -> None:
     assert acc.get_epsilon(1e-6) == pytest.approx(2.0, rel=1e-6)
     if method == "analytic":
         assert sigma / sens == pytest.approx(dp_accounting.get_sigma_gaussian(2.0, 1e-6), rel=1e-6)
+
+
+@pytest.mark.parametrize("n,every", [(12, 4), (10, 4), (46, 23)])
+def test_tree_restarts_factorize_and_cost_the_sum_of_depths(n: int, every: int) -> None:
+    """Kairouz et al.'s restart: A = B C exactly; one participation per block costs sum_blocks (floor(log2 size) + 1)
+    (the fact sheet's closed form RDP alpha sum depth / (2 sigma^2))."""
+    from plpriv.privacy.matrix_factorization import tree_restarts
+
+    for efficient in (False, True):
+        s = tree_restarts(n, every, efficient)
+        torch.testing.assert_close(s.B @ s.C, prefix_workload(n), atol=1e-10, rtol=0)
+        sizes = [min(every, n - start) for start in range(0, n, every)]
+        depth = sum(math.floor(math.log2(k)) + 1 for k in sizes)
+        assert sensitivity(s.C, min_sep=every, max_participations=len(sizes)) ** 2 == pytest.approx(depth, abs=1e-9)
+        acc = MatrixMechanismAccountant(math.sqrt(depth), horizon=n)
+        acc.history = [(2.0, 1.0, n)]
+        assert acc.rdp([3.0])[0] == pytest.approx(3.0 * depth / (2 * 2.0 ** 2))

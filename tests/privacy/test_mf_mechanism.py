@@ -103,6 +103,15 @@ def test_single_epoch_tree_equals_its_closed_form() -> None:
     assert m.epsilon([(3.0, 1.0, 24)], 1e-6) == pytest.approx(gaussian_epsilon(m.sens / 3.0, 1e-6), rel=1e-9)
 
 
+def test_tree_restart_per_epoch_costs_epochs_times_depth() -> None:
+    """4 epochs of 6 steps, one tree per epoch: sens^2 = 4 (floor(log2 6) + 1) = 12, below the single tree's bound."""
+    restart, single = _planned("tree-restart"), _planned("tree")
+    assert restart.sens ** 2 == pytest.approx(12.0)
+    assert restart.sens < single.sens  # type: ignore[operator]
+    stream = NoiseStream(restart.strategy, seeds)  # type: ignore[arg-type]
+    assert not stream.recursive and len(stream.noise(23, [torch.Size([2])])) == 1
+
+
 def test_sparsified_accountant_against_the_naive_bound_and_opacus() -> None:
     """Banded, k participations: epsilon = k-fold sampled Gaussian at rate gamma (the 1-sparse worst case; opacus'
     RDP formula), below the naive dense bound that ignores the masks; the tree gets the naive bound only."""
