@@ -28,18 +28,9 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from plpriv.cli_checks import RunRefusal, check_checkpoint_model, check_new_run, check_recorded_class, resolve_best
+from plpriv.entry import SUBCOMMANDS, print_top_level_help  # the static help (no Lightning import there)
 
 PRIVACY_KEY = "plpriv_privacy"  # top-level checkpoint key DPSGD writes: how the weights were trained privately
-
-# One line per subcommand for `plpriv --help`; tests check that it covers LightningCLI's subcommands and `audit`.
-SUBCOMMANDS: dict[str, str] = {
-    "fit": "train a model from a recipe (plus callback fragments); --ckpt_path last resumes a run",
-    "validate": "one pass over the validation split from a checkpoint (logs into <run dir>/validate/)",
-    "test": "one pass over the test split from a checkpoint (logs into <run dir>/test/)",
-    "predict": "predictions from a checkpoint, e.g. EDM samples as PNG grids and .npz (into <run dir>/predict/)",
-    "audit": "empirical epsilon lower bounds of DP-SGD with canaries (resumable runner, recipes/audit/*.yaml)",
-    "unlearn": "machine unlearning (COLA and baselines) from a checkpoint, with a report (recipes/unlearning/*.yaml)",
-}
 
 _HELP_CLASS = ("--model.help plpriv.modules.EDM",
                "a class's arguments (also --data.help CLASS, --trainer.callbacks.help CLASS)")
@@ -65,15 +56,6 @@ def _classes(package: str, base: type) -> str:
     found = [c for n, c in vars(module).items() if not n.startswith("_") and isinstance(c, type)
              and issubclass(c, base) and c is not base and not c.__module__.endswith(".base")]
     return ", ".join(sorted(f"{package}.{c.__name__}" for c in found))
-
-
-def _print_top_level_help() -> None:
-    width = max(map(len, SUBCOMMANDS))
-    lines = [f"  {name:<{width}}  {line}" for name, line in SUBCOMMANDS.items()]
-    print("usage: plpriv {" + ",".join(SUBCOMMANDS) + "} ...\n\nplpriv: privacy-aware training with PyTorch"
-          " Lightning, driven by YAML recipes.\n\nsubcommands:\n" + "\n".join(lines)
-          + "\n\n`plpriv SUBCOMMAND --help` shows a subcommand's options;"
-          " `plpriv fit -c recipes/classifier/digits.yaml` trains a digits classifier in ~30 s.")
 
 
 def _print_guidance(sub: str) -> None:
@@ -382,7 +364,7 @@ def main(args: Sequence[str] | None = None) -> None:
                             category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
-        _print_top_level_help()
+        print_top_level_help()
         raise SystemExit(0 if argv else 2)
     if argv[0] == "audit":  # `plpriv audit -c recipes/audit/...`: the DP-SGD audit runner, not a LightningCLI
         from plpriv.runners.audit import main as audit_main
