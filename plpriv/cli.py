@@ -14,6 +14,7 @@ checkpoints; one stopped by Ctrl-C prints the command that resumes it and, under
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -28,6 +29,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from plpriv.cli_checks import RunRefusal, check_checkpoint_model, check_new_run, check_recorded_class, resolve_best
+from plpriv.cli_errors import parser_error_message
 from plpriv.entry import SUBCOMMANDS, print_top_level_help  # the static help (no Lightning import there)
 
 PRIVACY_KEY = "plpriv_privacy"  # top-level checkpoint key DPSGD writes: how the weights were trained privately
@@ -203,7 +205,8 @@ class PlprivCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", _SaveConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        # exit_on_error=False: a parser error is raised (ArgumentError), and `main` prints one line for it
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "exit_on_error": False})
         argv = kwargs.get("args", args[11] if len(args) > 11 else None)  # LightningCLI's 12th positional: args
         self._argv: list[str] | None = (list(sys.argv[1:]) if argv is None else
                                         list(argv) if isinstance(argv, (list, tuple)) else None)
@@ -392,6 +395,12 @@ def main(args: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     except RunRefusal as err:  # another run's checkpoints, or a checkpoint of another model class
         print(f"plpriv: refusing to {err.action}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except argparse.ArgumentError as err:  # the parser's: unknown keys, values no type accepts, missing files
+        if debug:
+            raise
+        message = parser_error_message(str(err), argv) or user_error_message(ValueError(str(err)))
+        print(f"plpriv: error: {message}\n(`plpriv {argv[0]} --help` lists the options)", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as err:  # user-input errors: one short message, the traceback only with --debug
         message = user_error_message(err)

@@ -115,3 +115,25 @@ def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path: 
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = _line(proc.stderr, "plpriv: interrupted")
     assert "nothing to resume" in line and "epsilon" not in line, line  # no DP-SGD: no epsilon
+
+
+@pytest.mark.parametrize(("yaml_text", "flags", "needle"), [
+    ("trainer:\n  max_epoch: 2\n", (), "unknown key 'trainer.max_epoch' (did you mean 'trainer.max_epochs'?)"),
+    ("seed_everythin: 3\n", (), "unknown key 'seed_everythin' (did you mean 'seed_everything'?)"),
+    ("model:\n  init_args:\n    num_clases: 10\n", (),
+     "plpriv.modules.ImageClassifier has no argument 'num_clases' (did you mean 'num_classes'?)"),
+    ("data:\n  init_args:\n    batch_sise: 8\n", (), "--data.help plpriv.data.DigitsDataModule"),
+    (None, ("--trainer.max_epochz", "2"), "unknown option '--trainer.max_epochz' (did you mean 'trainer.max_epochs'?)"),
+    (None, ("-c", "recipes/classifier/nothere.yaml"), "File does not exist"),
+])
+def test_typos_get_one_line_with_the_closest_key(tmp_path: Path, yaml_text: str | None, flags: tuple[str, ...],
+                                                 needle: str) -> None:
+    """A recipe-key typo or a missing file: one line naming it (and the closest valid key), not ~50 lines of usage."""
+    args = ["fit", "-c", DIGITS, *flags]
+    if yaml_text is not None:
+        (tmp_path / "typo.yaml").write_text(yaml_text)
+        args += ["-c", str(tmp_path / "typo.yaml")]
+    proc = _plpriv(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    _short_error(proc, needle)
+    assert "usage:" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 2, proc.stderr
