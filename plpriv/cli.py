@@ -92,7 +92,8 @@ def _privacy_record(path: str | os.PathLike) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def check_private_resume(trainer: Trainer, ckpt_path: str | os.PathLike | None) -> str | None:
+def check_private_resume(trainer: Trainer, ckpt_path: str | os.PathLike | None,
+                         model: LightningModule | None = None) -> str | None:
     """Refuse to continue a checkpoint that DPSGD wrote when ``trainer`` has no DPSGD callback.
 
     ``ckpt_path`` is a path or one of Lightning's names (``last``, ``best``, ``hpc``), resolved as ``Trainer.fit``
@@ -109,18 +110,29 @@ def check_private_resume(trainer: Trainer, ckpt_path: str | os.PathLike | None) 
 
     if any(isinstance(cb, DPSGD) for cb in trainer.callbacks):
         return path  # DPSGD itself checks that the noise, clipping and accountant match the checkpoint's
-    raise PrivateCheckpointError(_refusal(str(path), record))
+    raise PrivateCheckpointError(_refusal(str(path), record, model))
 
 
-def _refusal(path: str, record: dict[str, Any]) -> str:
+def _fresh_start_hint(model: LightningModule | None) -> str:
+    """How to start a new run from a checkpoint's weights with this model: its own argument, if it has one."""
+    import inspect
+
+    cls = type(model) if model is not None else None
+    if cls is not None and "init_checkpoint" in inspect.signature(cls.__init__).parameters:
+        return f"--model.init_args.init_checkpoint PATH ({cls.__name__}), without --ckpt_path"
+    name = cls.__name__ if cls is not None else "YourModule"
+    return (f"{name}.load_from_checkpoint(PATH) in Python, then a new fit ({name} has no init_checkpoint argument"
+            " for the CLI)")
+
+
+def _refusal(path: str, record: dict[str, Any], model: LightningModule | None = None) -> str:
     shown = ", ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
                       for k in ("mechanism", "accountant", "epsilon", "delta", "steps") if k in record)
     return (
         f"{path} was trained with differential privacy ({shown}), but this run has no DPSGD callback: resuming it"
         " would continue training without privacy. To continue privately, add DP-SGD as it was trained (its private"
         " recipe, or -c callbacks/dp_sgd.yaml after the recipe). To knowingly start a new, NON-private run from its"
-        " weights, which makes no privacy claim, load them instead of resuming: --model.init_checkpoint PATH"
-        " (plpriv.modules.EDM) or your module's own loader, without --ckpt_path."
+        f" weights, which makes no privacy claim, load them instead of resuming: {_fresh_start_hint(model)}."
     )
 
 
@@ -152,7 +164,7 @@ class _PrivateCheckpointGuard(Callback):
             from plpriv.callbacks import DPSGD
 
             if not any(isinstance(cb, DPSGD) for cb in trainer.callbacks):
-                raise PrivateCheckpointError(_refusal(str(trainer.ckpt_path), record))
+                raise PrivateCheckpointError(_refusal(str(trainer.ckpt_path), record, pl_module))
 
 
 class ResumeCheckpoint(ModelCheckpoint):
@@ -279,7 +291,7 @@ class PlprivCLI(LightningCLI):
     def before_fit(self) -> None:
         ensure_resume_checkpoint(self.trainer)  # first: `--ckpt_path last` also looks in its directory
         ckpt_path = self._ckpt_path()
-        resumed = check_private_resume(self.trainer, ckpt_path)
+        resumed = check_private_resume(self.trainer, ckpt_path, self.model)
         if ckpt_path is not None or _resolve_ckpt_path(self.trainer, None) is None:  # not: SLURM requeue (hpc)
             check_new_run(self.trainer, resumed)  # never over another run's checkpoints
         check_checkpoint_model(resumed, self.model)

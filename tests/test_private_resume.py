@@ -54,7 +54,8 @@ def test_refusal_through_the_console_script(tmp_path):
     )
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "refusing to resume" in result.stderr and "epsilon=2.3" in result.stderr
-    assert "-c callbacks/dp_sgd.yaml" in result.stderr and "--model.init_checkpoint" in result.stderr
+    assert "-c callbacks/dp_sgd.yaml" in result.stderr and "ImageClassifier.load_from_checkpoint(PATH)" in result.stderr
+    assert "init_checkpoint PATH" not in result.stderr  # ImageClassifier has no such argument
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]  # no config.yaml, no logs
     assert "Epoch 0" not in result.stdout + result.stderr
 
@@ -126,3 +127,16 @@ def test_real_dp_checkpoint_is_refused_without_dpsgd_and_resumed_with_it(tmp_pat
     assert exit_info.value.code == 2
     main(["fit", "-c", str(dp), *tiny, "--ckpt_path", "last"])
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+
+
+def test_refusal_suggests_what_the_model_has():
+    """The fresh-start hint names --model.init_args.init_checkpoint only for modules that take it (EDM), else the
+    module's load_from_checkpoint (ImageClassifier has no such argument)."""
+    from plpriv.cli import _refusal
+    from plpriv.modules import EDM, ImageClassifier
+
+    record = {"mechanism": "dp-sgd", "epsilon": 1.0, "steps": 3}
+    classifier = _refusal("x.ckpt", record, ImageClassifier())
+    assert "init_checkpoint PATH" not in classifier and "ImageClassifier.load_from_checkpoint(PATH)" in classifier
+    edm = _refusal("x.ckpt", record, EDM.__new__(EDM))
+    assert "--model.init_args.init_checkpoint PATH (EDM)" in edm
