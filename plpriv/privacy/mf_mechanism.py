@@ -63,6 +63,7 @@ __all__ = ["MF_STRATEGIES", "MatrixFactorizationMechanism", "SparsifiedMatrixAcc
 
 MF_STRATEGIES = ("identity", "tree", "tree-efficient", "tree-restart", "bsr", "optimized_banded")
 NOISE_TAG = "mf-noise"
+OPTIMIZED_MAX_HORIZON = 256  # optimized_banded: ~3 min of L-BFGS at n = 256 (bands 16) on a busy 2-core machine
 
 
 class SparsifiedMatrixAccountant(MatrixMechanismAccountant):
@@ -107,7 +108,7 @@ class MatrixFactorizationMechanism(SparsifiedMechanism):
     amplified_by_sampling: ClassVar[bool] = False
     needs_kept_secret: ClassVar[bool] = True
 
-    def __init__(self, strategy: str = "optimized_banded", bands: int | None = None, keep_fraction: float = 1.0,
+    def __init__(self, strategy: str = "bsr", bands: int | None = None, keep_fraction: float = 1.0,
                  mask: str = "bernoulli", optimizer_seed: int = 0) -> None:
         super().__init__(keep_fraction, mask)
         if strategy not in MF_STRATEGIES:
@@ -175,6 +176,10 @@ class MatrixFactorizationMechanism(SparsifiedMechanism):
         if self.strategy_name == "bsr":
             return make_strategy("bsr", n, bands, normalize=True)
         if self.strategy_name == "optimized_banded":
+            if n > OPTIMIZED_MAX_HORIZON:
+                raise ValueError(f"MatrixFactorizationMechanism('optimized_banded'): {n} steps is too long a horizon for"
+                                 f" its O(n^3) L-BFGS (at most {OPTIMIZED_MAX_HORIZON}); use strategy='bsr', within a"
+                                 " few percent of it in prefix-sum error (benchmarks/dp_ftrl.py's RMSE table).")
             return make_strategy("optimized_banded", n, bands, seed=self.optimizer_seed)
         return make_strategy(self.strategy_name, n)
 
