@@ -10,8 +10,14 @@ Choices the paper leaves open (documented here):
 - The critic f is a copy of layers l+1..L of the evaluated network (``critic_init="model"``, its trained weights;
   ``"random"``: re-initialised) followed by a two-layer projection head; g is two learned label embeddings; the score
   is s(z, y) = f(z)^T g(y) and the contrast runs over the labels of the batch (K = batch size).
+- The copied layers l+1..L are always trainable in the critic, whatever the evaluated network's ``requires_grad``
+  flags (a frozen network, e.g. a teacher or HD's encoder, would otherwise get a projection-only critic); the
+  caller's network is never modified.
 - The critic is fitted on ``1 - holdout`` of the balanced sample and the estimate is taken on the held-out rest
   (an estimate on the fitting data is biased up towards log 2 for any model).
+- Every trial draws its own balanced subsample, fit/eval split and critic initialisation (the same ones for the three
+  models, so trials are paired). Intervals (95 %): Student-t over trials for the mean MI per layer and per model;
+  a paired bootstrap over trials for IDI, a ratio of means. One trial has no interval (None), never a zero spread.
 - Networks must be sequential chains (the classifier's modules run in the order they are registered): plpriv's
   ``SmallCNN`` and timm's ResNet family. Default layers: timm's ``feature_info`` stages (what ``features_only``
   exposes), or the outputs of ``SmallCNN``'s three stages.
@@ -24,6 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,10 +38,13 @@ from torch import Tensor, nn
 
 __all__ = [
     "IDIResult",
+    "bootstrap_ratio_interval",
     "default_layers",
     "infonce_mutual_information",
     "information_difference_index",
     "layer_mutual_information",
+    "mean_interval",
+    "sample_counts",
     "sequential_chain",
 ]
 
@@ -157,6 +167,15 @@ def infonce_mutual_information(
         return float(estimate(z_eval, y_eval))
 
 
+def sample_counts(n_forget: int, n_retain: int, holdout: float) -> dict[str, int]:
+    """The estimator's sample per trial: ``per_label`` = min(n_forget, n_retain) of each label, ``fit`` / ``eval``
+    the critic's fitting and held-out parts of the 2 * per_label balanced samples."""
+    n = min(n_forget, n_retain)
+    n_eval = max(2, int(round(holdout * 2 * n)))
+    return {"forget_available": n_forget, "retain_available": n_retain, "per_label": n, "fit": 2 * n - n_eval,
+            "eval": n_eval}
+
+
 class _Critic(nn.Module):
     """f: a copy of layers l+1..L, flattened, then a two-layer projection head."""
 
@@ -174,7 +193,7 @@ def layer_mutual_information(
     forget_x: Tensor,
     retain_x: Tensor,
     layers: Sequence[str] | None = None,
-    trials: int = 1,
+    trials: int = 10,
     steps: int = 200,
     lr: float = 1e-3,
     batch_size: int = 128,
@@ -184,7 +203,8 @@ def layer_mutual_information(
     seed: int = 0,
 ) -> tuple[list[str], np.ndarray]:
     """``(layers, mi)``: ``mi[t, l]`` is trial t's InfoNCE estimate of I(Z_l; Y) (nats), Y = 1 on ``forget_x``,
-    0 on ``retain_x`` (both subsampled to the smaller count, so the sample is balanced)."""
+    0 on ``retain_x`` (both subsampled to the smaller count, so the sample is balanced; a fresh subsample per
+    trial). ``net`` is copied, never modified."""
     if critic_init not in ("model", "random"):
         raise ValueError(f"`critic_init` must be 'model' or 'random', got {critic_init!r}")
     if not 0 < holdout < 1:
@@ -197,14 +217,14 @@ def layer_mutual_information(
     check_chain(net, chain, head, retain_x[:4])
     names = [n for n, _ in chain]
     mi = np.zeros((trials, len(layers)))
+    counts = sample_counts(len(forget_x), len(retain_x), holdout)
+    n, n_eval = counts["per_label"], counts["eval"]
     for t in range(trials):
         gen = torch.Generator().manual_seed(seed * 1000 + t)
-        n = min(len(forget_x), len(retain_x))
         xs = torch.cat([forget_x[torch.randperm(len(forget_x), generator=gen)[:n]],
                         retain_x[torch.randperm(len(retain_x), generator=gen)[:n]]])
         ys = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)])
         order = torch.randperm(2 * n, generator=gen)
-        n_eval = max(2, int(round(holdout * 2 * n)))
         fit, ev = order[n_eval:], order[:n_eval]
         for j, layer in enumerate(layers):
             cut = names.index(layer) + 1
@@ -213,6 +233,8 @@ def layer_mutual_information(
                 for _, module in chain[:cut]:
                     z = module(z)
             tail = copy.deepcopy([m for _, m in chain[cut:]])
+            for m in tail:  # layers l+1..L are trained in f whatever the evaluated net's flags
+                m.requires_grad_(True)
             if critic_init == "random":
                 for k, m in enumerate(tail):
                     _reset(m, seed + k)
@@ -225,9 +247,53 @@ def layer_mutual_information(
     return layers, mi
 
 
+def mean_interval(values: Sequence[float] | np.ndarray,
+                  level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean, low, high)``: the Student-t interval of the mean over trials (axis 0: one entry per column of a 2-d
+    array, numpy scalars for 1-d input); ``low`` and ``high`` are NaN for fewer than two trials (no spread can be
+    estimated from one)."""
+    from scipy import stats
+
+    if not 0 < level < 1:
+        raise ValueError(f"`level` must be in (0, 1), got {level!r}")
+    v = np.asarray(values, dtype=float)
+    mean = v.mean(0)
+    if len(v) < 2:
+        nan = np.full_like(mean, np.nan)
+        return mean, nan, nan
+    half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(0, ddof=1) / math.sqrt(len(v))
+    return mean, mean - half, mean + half
+
+
+def bootstrap_ratio_interval(num: np.ndarray, den: np.ndarray, level: float = 0.95, resamples: int = 10000,
+                             seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``sum(num) / sum(den)`` resampling paired trials (seeded); NaN for fewer
+    than two trials."""
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"`level` in (0, 1) and `resamples` >= 1 required, got {level!r}, {resamples!r}")
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if len(num) != len(den):
+        raise ValueError(f"`num` and `den` must pair up, got {len(num)} and {len(den)} trials")
+    if len(num) < 2:
+        return math.nan, math.nan
+    idx = np.random.default_rng(seed).integers(0, len(num), (resamples, len(num)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = num[idx].sum(1) / den[idx].sum(1)
+    ratios = ratios[np.isfinite(ratios)]
+    if len(ratios) == 0:
+        return math.nan, math.nan
+    low, high = np.percentile(ratios, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
+def _or_none(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
 @dataclass
 class IDIResult:
-    """IDI and its parts; ``mi[model]`` holds per-trial, per-layer estimates (nats)."""
+    """IDI and its parts; ``mi[model]`` holds per-trial, per-layer estimates (nats); ``idi_interval`` is the 95 %
+    paired-bootstrap interval over trials (None for one trial); ``samples`` the sample counts used."""
 
     idi: float
     id_unlearned: float
@@ -235,20 +301,35 @@ class IDIResult:
     layers: list[str]
     mi: dict[str, np.ndarray] = field(repr=False)
     idi_trials: list[float] = field(default_factory=list)
+    idi_interval: tuple[float, float] | None = None
+    samples: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def trials(self) -> int:
+        return len(next(iter(self.mi.values()))) if self.mi else 0
 
     @property
     def idi_std(self) -> float:
-        """Spread of IDI over trials (trial t's estimates of all three models)."""
-        return float(np.std(self.idi_trials)) if len(self.idi_trials) > 1 else 0.0
+        """Sample standard deviation of the per-trial IDIs; NaN for one trial (never a zero spread)."""
+        return float(np.std(self.idi_trials, ddof=1)) if len(self.idi_trials) > 1 else math.nan
 
     def curves(self) -> dict[str, list[float]]:
         """Per-layer mean MI of each model."""
         return {k: v.mean(0).tolist() for k, v in self.mi.items()}
 
+    def curve_intervals(self) -> dict[str, list[list[float]] | None]:
+        """Per model, per layer: the 95 % t-interval ``[low, high]`` of the mean MI (None for one trial)."""
+        out: dict[str, list[list[float]] | None] = {}
+        for k, v in self.mi.items():
+            _, low, high = mean_interval(v)
+            out[k] = None if len(v) < 2 else [[float(a), float(b)] for a, b in zip(low, high)]
+        return out
+
     def to_dict(self) -> dict:
-        return {"IDI": self.idi, "IDI_std": self.idi_std, "ID_unlearned": self.id_unlearned,
+        return {"IDI": self.idi, "IDI_ci95": list(self.idi_interval) if self.idi_interval else None,
+                "IDI_std": _or_none(self.idi_std), "trials": self.trials, "ID_unlearned": self.id_unlearned,
                 "ID_original": self.id_original, "layers": self.layers, "mi": self.curves(),
-                "mi_std": {k: v.std(0).tolist() for k, v in self.mi.items()}}
+                "mi_ci95": self.curve_intervals(), "samples": dict(self.samples)}
 
     def plot(self, path: str | Path) -> Path:
         """Per-layer MI curves of the three models as a PNG."""
@@ -259,11 +340,14 @@ class IDIResult:
 
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for name, values in self.mi.items():
-            ax.errorbar(range(len(self.layers)), values.mean(0), yerr=values.std(0), marker="o", label=name, capsize=3)
+            mean, low, high = mean_interval(values)
+            yerr = None if len(values) < 2 else np.stack([mean - low, high - mean])
+            ax.errorbar(range(len(self.layers)), mean, yerr=yerr, marker="o", label=name, capsize=3)
         ax.axhline(math.log(2), color="grey", ls=":", lw=1, label="log 2")
         ax.set_xticks(range(len(self.layers)), self.layers, rotation=30)
         ax.set_ylabel("I(Z_l; Y) [nats]")
-        ax.set_title(f"IDI = {self.idi:.3f}")
+        ci = f" [{self.idi_interval[0]:.2f}, {self.idi_interval[1]:.2f}]" if self.idi_interval else ""
+        ax.set_title(f"IDI = {self.idi:.3f}{ci} ({self.trials} trials, 95 % CI)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = Path(path)
@@ -280,21 +364,23 @@ def information_difference_index(
     forget_data: Tensor,
     retain_data: Tensor,
     layers: Sequence[str] | None = None,
-    cache: dict[int, tuple[nn.Module, np.ndarray]] | None = None,
+    cache: dict[Any, Any] | None = None,
     plot: str | Path | None = None,
     **estimator: object,
 ) -> IDIResult:
     """IDI = ID(unlearned) / ID(original), ID(theta) = sum_l [I_theta(Z_l;Y) - I_retrain(Z_l;Y)] (Jeon et al.).
 
-    ``forget_data`` / ``retain_data``: input images of D_f and D_r. ``estimator``: keyword arguments of
-    :func:`layer_mutual_information` (``trials``, ``steps``, ``critic_init``, ...). Estimates are computed once per
-    distinct model object; pass the same ``cache`` dict across calls to reuse the retrained and original ones.
+    ``forget_data`` / ``retain_data``: input images of D_f and D_r (all of them: each trial subsamples the larger
+    set to a balanced sample). ``estimator``: keyword arguments of :func:`layer_mutual_information` (``trials``,
+    default 10; ``steps``, ``critic_init``, ...). Estimates are computed once per distinct model object; pass the
+    same ``cache`` dict across calls to reuse the retrained and original ones.
     """
     cache = {} if cache is None else cache
     layers = list(layers) if layers is not None else default_layers(original)
     mi: dict[str, np.ndarray] = {}
+    settings = repr((layers, sorted(estimator.items())))  # a cached estimate is reused only with the same settings
     for name, model in (("original", original), ("retrain", retrained), ("unlearned", unlearned)):
-        key = id(model)
+        key = (id(model), settings)
         if key not in cache or cache[key][0] is not model:  # the model is kept: its id cannot be reused
             mi_model = layer_mutual_information(model, forget_data, retain_data, layers, **estimator)[1]
             cache[key] = (model, mi_model)
@@ -305,7 +391,11 @@ def information_difference_index(
         raise ValueError("ID(original) is 0: the original and retrained models carry the same information; IDI is "
                          "undefined (check that `retrained` never saw the forget data)")
     trials = [float(a / b) for a, b in zip(per_trial_id["unlearned"], per_trial_id["original"]) if abs(b) > 1e-12]
-    result = IDIResult(idi=id_u / id_o, id_unlearned=id_u, id_original=id_o, layers=layers, mi=mi, idi_trials=trials)
+    low, high = bootstrap_ratio_interval(per_trial_id["unlearned"], per_trial_id["original"])
+    holdout = float(estimator.get("holdout", 0.3))  # type: ignore[arg-type]
+    samples = sample_counts(len(forget_data), len(retain_data), holdout)
+    result = IDIResult(idi=id_u / id_o, id_unlearned=id_u, id_original=id_o, layers=layers, mi=mi, idi_trials=trials,
+                       idi_interval=None if math.isnan(low) else (low, high), samples=samples)
     if plot is not None:
         result.plot(plot)
     return result

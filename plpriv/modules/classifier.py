@@ -27,24 +27,46 @@ def build_backbone(
     """``"small_cnn"`` -> :class:`plpriv.nets.SmallCNN`; any other name -> ``timm.create_model``.
 
     ``norm="group"`` passes a GroupNorm ``norm_layer`` to timm models that take one (ResNets, ConvNeXt, ...), so the
-    model has no BatchNorm and works under DP-SGD.
+    model has no BatchNorm and works under DP-SGD. ``backbone_kwargs={"cifar_stem": True}`` (timm ResNets) replaces
+    the ImageNet stem (7x7 stride-2 conv + max-pool, /4) by a 3x3 stride-1 conv and no pooling, the CIFAR ResNet of
+    He et al. 2016: on 16x16 or 32x32 images the ImageNet stem leaves the last stages at 1x1.
     """
+    kwargs = dict(backbone_kwargs)
+    cifar = kwargs.pop("cifar_stem", False)
+    if not isinstance(cifar, bool):
+        raise TypeError(f"`cifar_stem` must be a bool, got {type(cifar).__name__}")
     if backbone == "small_cnn":
-        return SmallCNN(in_chans=in_chans, num_classes=num_classes, norm=norm, **backbone_kwargs)
+        if cifar:
+            raise ValueError("`cifar_stem` applies to timm ResNets, not small_cnn")
+        return SmallCNN(in_chans=in_chans, num_classes=num_classes, norm=norm, **kwargs)
     import timm
 
     if not timm.is_model(backbone):
         raise ValueError(f"unknown backbone {backbone!r}: use 'small_cnn' or a timm model name (timm.list_models())")
-    kwargs = dict(backbone_kwargs)
     if norm != "batch":
         kwargs.setdefault("norm_layer", partial(norm_layer, kind=norm))
     try:
-        return timm.create_model(backbone, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        net = timm.create_model(backbone, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except TypeError as err:
         raise ValueError(
             f"timm model {backbone!r} does not accept {sorted(kwargs)} ({err}); use norm='batch' and let "
             "DP-SGD's fix_modules swap BatchNorm, or pick a model whose constructor takes `norm_layer`"
         ) from err
+    return with_cifar_stem(net) if cifar else net
+
+
+def with_cifar_stem(net: nn.Module) -> nn.Module:
+    """Give a timm ResNet (single-conv stem) the CIFAR stem in place: conv1 -> 3x3 stride 1, maxpool -> Identity."""
+    conv1 = getattr(net, "conv1", None)
+    if not isinstance(conv1, nn.Conv2d) or not isinstance(getattr(net, "maxpool", None), nn.MaxPool2d):
+        raise ValueError(f"`cifar_stem` needs a timm ResNet with the default stem (a Conv2d `conv1` and a MaxPool2d "
+                         f"`maxpool`), not {type(net).__name__}")
+    net.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # timm's ResNet init
+    net.maxpool = nn.Identity()
+    for entry in getattr(net, "feature_info", []):  # strides shrink: stem /2 -> /1, stages /4 more
+        entry["reduction"] = 1 if entry["module"] == "act1" else entry["reduction"] // 4
+    return net
 
 
 class ImageClassifier(LightningModule):
@@ -57,7 +79,8 @@ class ImageClassifier(LightningModule):
         in_chans: input channels.
         norm: normalisation layers: ``group`` (DP-compatible), ``batch`` or ``none``.
         pretrained: load timm's pretrained weights (needs network access or a local HF cache).
-        backbone_kwargs: extra constructor arguments of the backbone.
+        backbone_kwargs: extra constructor arguments of the backbone; ``cifar_stem: true`` gives a timm ResNet the
+            CIFAR stem (3x3 stride-1 conv, no max-pool; for small images, as the unlearning papers' ResNet-18).
         optimizer: callable ``params -> Optimizer`` (from YAML: ``class_path: torch.optim.SGD`` + ``init_args``).
         lr_scheduler: optional callable ``optimizer -> LRScheduler``, stepped every epoch.
         label_smoothing: cross-entropy label smoothing.

@@ -9,8 +9,9 @@ checks it. The runner builds the Trainer itself (``max_epochs`` = the method's `
 resumes from the last epoch; the runtime in the report sums the time of all attempts (kept in the checkpoint).
 
 ``<out_dir>/report.json`` and ``report.md`` hold UA, RA, TA, MIA (MIA-Efficacy), MIA_loss, relearn, seconds, and,
-given a retrained model (``--reference``: the last.ckpt of a Retrain run, or ``model`` is Retrain), IDI with its
-per-layer MI curves (``idi.png``) and the average gap to Retrain.
+given a retrained model (``--reference``: the last.ckpt of a Retrain run, or ``model`` is Retrain), IDI with its 95 %
+interval over ``--idi_trials`` trials (default 10; every forget and retain sample; the counts in ``idi.samples``),
+its per-layer MI curves with intervals (``idi.png``) and the average gap to Retrain.
 """
 
 from __future__ import annotations
@@ -117,12 +118,13 @@ def run_unlearning(
         original = model.original_net()
         if idi_cache is not None:
             original = idi_cache.setdefault("original_net", original)
-        kwargs = dict(idi or {})
-        limit = kwargs.pop("max_samples", 500)
+        kwargs = {k: v for k, v in (idi or {}).items() if v is not None}
+        limit = kwargs.pop("max_samples", None)  # default: every forget and retain sample
         result = information_difference_index(net, ref_net, original, tensor_of(forget, limit),
                                               tensor_of(retain, limit), cache=idi_cache, plot=out / "idi.png",
                                               **kwargs)
-        report.update(IDI=result.idi, IDI_std=result.idi_std, idi=result.to_dict())
+        summary = result.to_dict()
+        report.update(IDI=result.idi, IDI_ci95=summary["IDI_ci95"], IDI_std=summary["IDI_std"], idi=summary)
     else:
         report["IDI"] = None  # needs --reference
     if ref_net is not None and not isinstance(model, Retrain):
@@ -134,12 +136,24 @@ def run_unlearning(
     return report
 
 
+def _idi_cell(r: dict[str, Any]) -> str:
+    """``IDI [low, high]`` (95 % interval over the trials), ``IDI (n=1)`` for one trial, ``IDI (by definition)``
+    for Retrain (0) and the original (1), ``-`` without IDI."""
+    if r.get("IDI") is None:
+        return "-"
+    ci, trials = r.get("IDI_ci95"), (r.get("idi") or {}).get("trials")
+    if ci is not None:
+        return f"{r['IDI']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return f"{r['IDI']:.3f} (n={trials})" if trials is not None else f"{r['IDI']:.3f} (by definition)"
+
+
 def report_markdown(results: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table of method -> metrics (UA, RA, TA, MIA, MIA_loss, IDI, relearn, seconds)."""
-    keys = ("UA", "RA", "TA", "MIA", "MIA_loss", "IDI", "relearn", "seconds")
+    """A Markdown table of method -> metrics (UA, RA, TA, MIA, MIA_loss, IDI with its 95 % interval, relearn,
+    seconds)."""
+    keys = ("UA", "RA", "TA", "MIA", "MIA_loss", "IDI [95% CI]", "relearn", "seconds")
     lines = ["| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, r in results.items():
-        cells = [("-" if r.get(k) is None else f"{r[k]:.3f}" if k == "IDI" else f"{r[k]:.2f}") for k in keys]
+        cells = [_idi_cell(r) if k.startswith("IDI") else "-" if r.get(k) is None else f"{r[k]:.2f}" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -153,7 +167,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out_dir", type=str | None, default=None,
                         help="default: runs/unlearning/<method class name, lower case>")
     parser.add_argument("--reference", type=str | None, default=None, help="last.ckpt of a Retrain run (for IDI)")
-    parser.add_argument("--idi_trials", type=int, default=1)
+    parser.add_argument("--idi_trials", type=int, default=10, help="IDI trials (>= 2 for its 95%% interval)")
     parser.add_argument("--idi_steps", type=int, default=200)
     parser.add_argument("--idi_layers", type=list[str] | None, default=None)
     parser.add_argument("--relearn", type=bool, default=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from plpriv.metrics import infonce_mutual_information, information_difference_index
-from plpriv.metrics.idi import default_layers, layer_mutual_information
+from plpriv.metrics.idi import bootstrap_ratio_interval, default_layers, layer_mutual_information, mean_interval
 from plpriv.nets.small_cnn import SmallCNN
 
 
@@ -85,11 +86,11 @@ def test_idi_is_one_for_the_original_and_zero_for_retrain(tmp_path):
 def test_mi_is_bounded_by_log2_and_large_for_separable_classes():
     original, _ = _nets()
     forget, retain = _images(80, 0, 2.0), _images(80, 1, -2.0)  # trivially separable from the pixels
-    layers, mi = layer_mutual_information(original, forget, retain, steps=80, batch_size=64, dim=8)
+    layers, mi = layer_mutual_information(original, forget, retain, steps=80, batch_size=64, dim=8, trials=1)
     assert mi.shape == (1, 3)
     assert np.all(mi <= math.log(2) + 0.05) and np.all(mi > 0.4)  # near log 2 = 0.69
     same = _images(160, 2, 0.0)
-    _, mi0 = layer_mutual_information(original, same[:80], same[80:], steps=80, batch_size=64, dim=8)
+    _, mi0 = layer_mutual_information(original, same[:80], same[80:], steps=80, batch_size=64, dim=8, trials=1)
     assert np.all(mi0 < 0.15)  # one distribution for both labels: no information
 
 
@@ -106,7 +107,7 @@ def test_idi_keeps_its_sign():
 
     retrained, blind = zeroed([8]), zeroed([0, 4, 8])  # Retrain keeps stages 1-2; blind keeps nothing
     res = information_difference_index(blind, retrained, original, forget, retain, steps=80, batch_size=64, dim=8,
-                                       critic_init="random")  # "model" would copy the zeroed convs into f
+                                       critic_init="random", trials=1)  # "model" would copy the zeroed convs into f
     assert res.idi < 0
 
 
@@ -117,3 +118,53 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="not stages"):
         layer_mutual_information(original, _images(8, 0, 0), _images(8, 1, 0), layers=["features.1", "nope"])
     assert default_layers(original) == ["features.3", "features.7", "features.11"]
+
+
+def test_the_critic_is_the_same_for_a_frozen_and_a_trainable_net():
+    """Layers l+1..L are trained in the critic whatever the caller's flags; the caller's net is left as it was.
+    Before: a frozen net got a projection-only critic (here [0.098 0.088 0.119] against [-0.070 -0.073 0.119])."""
+    original, _ = _nets()
+    frozen = copy.deepcopy(original).requires_grad_(False)
+    forget, retain = _images(80, 0, 0.6), _images(80, 1, 0.0)
+    kwargs = dict(steps=40, batch_size=64, dim=8, trials=2)
+    _, mi_trainable = layer_mutual_information(original, forget, retain, **kwargs)
+    _, mi_frozen = layer_mutual_information(frozen, forget, retain, **kwargs)
+    np.testing.assert_array_equal(mi_frozen, mi_trainable)
+    assert not any(p.requires_grad for p in frozen.parameters()) and all(p.requires_grad for p in original.parameters())
+
+
+def test_intervals_match_hand_computed_values():
+    mean, low, high = mean_interval([1.0, 2.0, 3.0, 4.0])
+    half = 3.182446305284263 * math.sqrt(5 / 3) / 2  # t_{0.975, 3} (tables) * s / sqrt(n)
+    assert (mean, low, high) == pytest.approx((2.5, 2.5 - half, 2.5 + half))
+    _, low1, high1 = mean_interval([0.3])
+    assert math.isnan(low1) and math.isnan(high1)  # one trial: no interval, never a zero spread
+    den = np.array([0.5, 1.0, 2.0, 0.7])
+    assert bootstrap_ratio_interval(2 * den, den) == pytest.approx((2.0, 2.0))  # every resample's ratio is 2
+    low2, high2 = bootstrap_ratio_interval(np.array([1.0, 3.0]), np.array([1.0, 1.0]))
+    assert (low2, high2) == (1.0, 3.0)  # resampled means of {1, 3} range over [1, 3]; 10k draws reach both ends
+    assert all(math.isnan(v) for v in bootstrap_ratio_interval(np.array([1.0]), np.array([1.0])))
+    with pytest.raises(ValueError, match="pair up"):
+        bootstrap_ratio_interval(np.ones(3), np.ones(2))
+
+
+def test_idi_reports_intervals_sample_counts_and_no_zero_spread_for_one_trial():
+    original, retrained = _nets()
+    forget, retain = _images(50, 0, 1.0), _images(70, 1, 0.0)
+    unlearned = copy.deepcopy(original)
+    for p in unlearned.parameters():
+        p.data.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    res = information_difference_index(unlearned, retrained, original, forget, retain, steps=30, batch_size=64,
+                                       dim=8, trials=3)
+    low, high = res.idi_interval
+    assert low <= high and len(res.idi_trials) == 3 and res.trials == 3
+    report = res.to_dict()
+    assert report["IDI_ci95"] == [low, high] and report["trials"] == 3
+    for model, intervals in report["mi_ci95"].items():  # per layer: the mean MI lies inside its t-interval
+        assert all(lo <= m <= hi for (lo, hi), m in zip(intervals, report["mi"][model])), model
+    assert report["samples"] == {"forget_available": 50, "retain_available": 70, "per_label": 50, "fit": 70,
+                                 "eval": 30}  # balanced: 50 of each label; holdout 0.3 of 100
+    one = information_difference_index(unlearned, retrained, original, forget, retain, steps=30, batch_size=64,
+                                       dim=8, trials=1).to_dict()
+    assert one["IDI_ci95"] is None and one["IDI_std"] is None and one["mi_ci95"]["unlearned"] is None
+    assert inspect.signature(layer_mutual_information).parameters["trials"].default == 10

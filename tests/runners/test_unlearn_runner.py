@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
+from torch.utils.data import Dataset
 
 from plpriv.cli import main as cli_main
 from plpriv.data import DigitsDataModule
 from plpriv.modules import ImageClassifier
 from plpriv.modules.unlearning import RL
-from plpriv.runners.unlearn import build_parser, run_unlearning
+from plpriv.runners.unlearn import build_parser, report_markdown, run_unlearning
 
 from _helpers import ROOT
 from _stop import StopAfterEpochs
@@ -53,7 +54,7 @@ def test_cli_runs_a_recipe_and_writes_the_reports(original: str, tmp_path, monke
     cli_main(["unlearn", "-c", str(ROOT / "recipes/unlearning/cola.yaml"), "--model.init_args.original", original,
               "--model.init_args.epochs", "2", "--model.init_args.collapse_epochs", "1", *TINY_DATA,
               "--out_dir", str(cola_dir), "--reference", str(retrain_dir / "checkpoints/last.ckpt"),
-              "--idi_steps", "10", "--progress", "false"])
+              "--idi_steps", "10", "--idi_trials", "2", "--progress", "false"])
     retrain = json.loads((retrain_dir / "report.json").read_text())
     report = json.loads((cola_dir / "report.json").read_text())
     for r in (retrain, report):
@@ -63,9 +64,33 @@ def test_cli_runs_a_recipe_and_writes_the_reports(original: str, tmp_path, monke
     assert retrain["IDI"] == 0.0 and retrain["method"] == "Retrain"
     assert report["method"] == "COLA" and isinstance(report["IDI"], float) and "avg_gap" in report
     assert report["idi"]["layers"] == ["features.3", "features.7", "features.11"]
+    low, high = report["IDI_ci95"]
+    assert low <= high and report["idi"]["trials"] == 2 and isinstance(report["IDI_std"], float)
+    samples = report["idi"]["samples"]  # every forget and retain sample of the training split reaches the estimator
+    labels = torch.tensor([int(item[1]) for item in _train_split()])  # type: ignore[attr-defined]
+    n_forget = int((labels == 0).sum())
+    assert (samples["forget_available"], samples["retain_available"]) == (n_forget, len(labels) - n_forget)
+    assert samples["per_label"] == n_forget
     assert (cola_dir / "idi.png").read_bytes()[:4] == b"\x89PNG"
     md = (cola_dir / "report.md").read_text()
     assert md.startswith("| method | UA |") and "| COLA |" in md
+    assert f"| {report['IDI']:.3f} [{low:.2f}, {high:.2f}] |" in md
+
+
+def _train_split() -> Dataset:
+    data = DigitsDataModule(image_size=8, seed=0)
+    data.setup("fit")
+    return data.train_dataset
+
+
+def test_the_report_never_prints_a_zero_spread_for_one_trial():
+    one = {"IDI": 0.5, "IDI_ci95": None, "IDI_std": None, "idi": {"trials": 1}}
+    ten = {"IDI": 0.5, "IDI_ci95": [0.25, 0.75], "IDI_std": 0.3, "idi": {"trials": 10}}
+    md = report_markdown({"one": one, "ten": ten, "Retrain": {"IDI": 0.0}})
+    assert "| 0.500 (n=1) |" in md and "| 0.500 [0.25, 0.75] |" in md and "| 0.000 (by definition) |" in md
+    assert build_parser().parse_args(["--model", "plpriv.modules.unlearning.FT", "--model.original", "x.ckpt",
+                                      "--model.forget_classes", "[0]", "--data", "plpriv.data.DigitsDataModule"]
+                                     ).idi_trials == 10
 
 
 def _run(original: str, out: Path, *callbacks) -> dict:

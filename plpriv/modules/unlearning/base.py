@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -59,7 +58,8 @@ class UnlearningModule(LightningModule):
         batch_size: batch size of the training loaders (evaluation uses the DataModule's).
     """
 
-    #: which training loaders the method reads: "retain", "forget", "both" (D_r u D_f, flagged) or "retain+forget"
+    #: which training set the method reads: "retain", "forget" or "both" (D_r u D_f, flagged); a method with its
+    #: own loader (SCRUB) overrides :meth:`train_dataloader`
     train_sets: str = "retain"
 
     def __init__(
@@ -153,9 +153,6 @@ class UnlearningModule(LightningModule):
         return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler)
 
     def train_dataloader(self) -> Any:
-        if self.train_sets == "retain+forget":
-            return CombinedLoader({"retain": self._loader("retain"), "forget": self._loader("forget", 1)},
-                                  mode="max_size_cycle")
         return self._loader(self.train_sets)
 
     def val_dataloader(self) -> list[DataLoader]:
