@@ -422,6 +422,23 @@ def main(args: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's Inception-v3 (FID's standard)
+
+
+def _hub_checkpoints() -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def _raised_in(err: BaseException, words: Sequence[str]) -> bool:
+    """Whether a frame of ``err``'s traceback lies in a file whose path contains one of ``words``."""
+    tb = err.__traceback__
+    while tb is not None:
+        if any(w in tb.tb_frame.f_code.co_filename.lower() for w in words):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 _CORRUPT_CHECKPOINT = ("PytorchStreamReader failed", "failed finding central directory", "invalid load key",
                        "Ran out of input", "unpickling")
 
@@ -493,9 +510,16 @@ def user_error_message(err: BaseException) -> str | None:
     if unreadable is not None:  # any error from inside torch.load: a corrupt file raises whatever the bytes trigger
         return (f"the checkpoint could not be read ({unreadable}): it is truncated or not a Lightning checkpoint. Pass"
                 " a complete .ckpt file to --ckpt_path (e.g. <run dir>/checkpoints/last.ckpt).")
+    if isinstance(err, URLError) and _raised_in(err, ("fidelity", "inception")):
+        return (f"FID's Inception-v3 weights could not be downloaded ({err.reason}). Without internet access copy"
+                f" {INCEPTION_WEIGHTS} into {_hub_checkpoints()} (where torch-fidelity looks first), or pass"
+                " --model.init_args.fid_feature null (no FID) or a feature net (plpriv.metrics.ClassifierFeatures).")
     if isinstance(err, URLError):
         return (f"a download failed ({err.reason}); without internet access put the data set under the recipe's"
                 " `root` and set `download: false` (--data.init_args.download false).")
+    if type(err).__name__ == "MisconfigurationException" and "No supported gpu backend" in text:
+        return ("this recipe asks for GPUs and this machine has none: add --trainer.accelerator cpu --trainer.devices"
+                " 1 (and --trainer.strategy auto; slow for the full recipe), or run it on a GPU machine.")
     if isinstance(err, (pickle.UnpicklingError, EOFError)) or (
         isinstance(err, RuntimeError) and any(s in text for s in _CORRUPT_CHECKPOINT)
     ):

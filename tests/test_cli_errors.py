@@ -104,3 +104,33 @@ def test_every_kind_of_unreadable_checkpoint_gets_the_short_message(tmp_path: Pa
         assert message is not None and "checkpoint could not be read" in message and str(path) in message
     assert len(kinds) >= 3  # the seeds do cover several exception types on this torch
     assert user_error_message(IndexError("a bug elsewhere")) is None  # not from torch.load: shown as a bug
+
+
+def test_gpu_recipe_on_a_cpu_machine_names_the_flags(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = _plpriv(tmp_path, "fit", "-c", str(ROOT / "recipes" / "edm" / "cifar10_uncond.yaml"),
+                   "--data.init_args.root", str(tmp_path), "--data.init_args.download", "false",
+                   "--model.init_args.fid_feature", "null")
+    assert proc.returncode == 2
+    _short_error(proc, "asks for GPUs", "--trainer.accelerator cpu")
+
+
+def test_offline_inception_download_says_where_the_weights_go() -> None:
+    """A URLError raised inside torch-fidelity (offline FID) names the weights file and the folder, not the data set."""
+    from urllib.error import URLError
+
+    from plpriv.cli import INCEPTION_WEIGHTS, user_error_message
+
+    scope: dict = {"URLError": URLError}
+    exec(compile("def fetch():\n    raise URLError('no network')\n", "torch_fidelity/helpers.py", "exec"), scope)
+    try:
+        scope["fetch"]()
+    except URLError as err:
+        message = user_error_message(err)
+    assert message is not None and INCEPTION_WEIGHTS in message and "fid_feature null" in message
+    assert "download: false" not in message
+    plain = user_error_message(URLError("no network"))  # a data set download
+    assert plain is not None and "download: false" in plain
