@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from plpriv.cli_callbacks import CallbackOverride, apply_overrides, split_overrides
 from plpriv.cli_checks import RunRefusal, check_checkpoint_model, check_new_run, check_recorded_class, resolve_best
 from plpriv.cli_errors import parser_error_message
 from plpriv.entry import SUBCOMMANDS, print_top_level_help  # the static help (no Lightning import there)
@@ -222,6 +223,13 @@ class PlprivCLI(LightningCLI):
         argv = kwargs.get("args", args[11] if len(args) > 11 else None)  # LightningCLI's 12th positional: args
         self._argv: list[str] | None = (list(sys.argv[1:]) if argv is None else
                                         list(argv) if isinstance(argv, (list, tuple)) else None)
+        self._callback_overrides: list[CallbackOverride] = []
+        if self._argv is not None and any(a.startswith("--callback.") for a in self._argv):
+            rest, self._callback_overrides = split_overrides(self._argv)  # applied after parsing
+            if len(args) > 11:
+                args = (*args[:11], rest, *args[12:])
+            else:
+                kwargs["args"] = rest
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -235,6 +243,8 @@ class PlprivCLI(LightningCLI):
         into ``<log dir>/<subcommand>`` (its ``sub_dir``), so the fit's files are never overwritten; its checkpoint
         directory (``--ckpt_path last``) stays the fit's."""
         config = self.config[self.subcommand] if self.subcommand is not None else self.config
+        if self._callback_overrides:  # --callback.NAME.KEY VALUE (plpriv.cli_callbacks)
+            apply_overrides(config.trainer.callbacks, self._callback_overrides)
         threads = config.get("torch_threads")
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:

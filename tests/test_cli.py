@@ -141,3 +141,24 @@ def test_torch_threads_sets_intra_op_threads_before_the_run(tmp_path, threads):
             PlprivCLI(args=["-c", str(BASE), "--torch_threads", "0", "--trainer.logger", "false"], run=False)
     finally:
         torch.set_num_threads(before)
+
+
+def test_callback_flag_reaches_the_named_callback_with_fragments_stacked(tmp_path):
+    """`--trainer.callbacks.init_args.KEY` reaches only the last callback; `--callback.NAME.KEY` the one named NAME,
+    with another fragment stacked after dp_sgd.yaml (issue 25)."""
+    from plpriv.callbacks import DPSGD
+
+    common = ["-c", str(BASE), "-c", str(ROOT / "callbacks" / "dp_sgd.yaml"),
+              "-c", str(ROOT / "callbacks" / "lr_monitor.yaml"), "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    cli = PlprivCLI(args=[*common, "--callback.DPSGD.target_epsilon", "2.5", "--callback.LearningRateMonitor"
+                          ".logging_interval=epoch"], run=False)
+    (dp,) = [c for c in cli.trainer.callbacks if isinstance(c, DPSGD)]
+    (lr,) = [c for c in cli.trainer.callbacks if isinstance(c, LearningRateMonitor)]
+    assert dp.target_epsilon == 2.5 and lr.logging_interval == "epoch"
+    with pytest.raises(ValueError, match="no callback 'DPSG' in this run"):
+        PlprivCLI(args=[*common, "--callback.DPSG.target_epsilon", "2"], run=False)
+    with pytest.raises(ValueError, match="2 callbacks are ModelCheckpoint"):
+        PlprivCLI(args=[*common, "--callback.ModelCheckpoint.monitor", "val/loss"], run=False)
+    with pytest.raises(ValueError, match="target_epsilon` must be > 0"):  # the constructor checks the value
+        PlprivCLI(args=[*common, "--callback.DPSGD.target_epsilon", "-1"], run=False)
