@@ -66,13 +66,23 @@ TINY: dict[str, tuple[list[str], int, int, int]] = {
                                  "--model.init_args.rank", "2", "--data.init_args.batch_size", "20"], 2, 3, 2),
     "loyal/digits_duplicated.yaml": (["--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2",
                                       "--data.init_args.batch_size", "8", f"{_NET}model_channels", "8"], 2, 3, 2),
+    "streaming/digits_ftrl.yaml": (_CLASSIFIER, 2, 3, 3),  # fixed order: resumed at an epoch end, as required
+    "streaming/digits_clients_rrsc.yaml": (["--trainer.max_epochs", "3", "--trainer.limit_train_batches", "3",
+                                            "--data.init_args.num_clients", "30", "--data.init_args.clients_per_round",
+                                            "10"], 2, 3, 3),
+    "relu_budget/digits_resnet.yaml": (["--trainer.max_epochs", "4", "--trainer.limit_train_batches", "2",
+                                        "--trainer.limit_val_batches", "1", "--model.init_args.teacher_epochs", "1",
+                                        "--model.init_args.mask_epochs", "2", "--model.init_args.backbone_kwargs",
+                                        "{widths: [4, 4, 4]}"], 2, 4, 2),
     "detector/faces_raw_float.yaml": (_DETECTOR, 2, 3, 2),
     "detector/faces_raw_ternary.yaml": (_DETECTOR, 2, 3, 2),
 }
 
 
 # Recipes that cannot run on a CPU test machine without downloads (their resume config is the same ModelCheckpoint).
-CANNOT_RUN = {"loyal/sd_finetune.yaml": "needs Stable Diffusion 2.1 weights and a GPU"}
+CANNOT_RUN = {"loyal/sd_finetune.yaml": "needs Stable Diffusion 2.1 weights and a GPU",
+              "relu_budget/cifar100_resnet18.yaml": "CIFAR-100 files and a GPU (tests/modules/test_relu_budget.py"
+                                                    " runs it on fake files)"}
 
 
 def _name(recipe: Path) -> str:

@@ -14,6 +14,7 @@ from plpriv.data.base import ImageDataModule, seeded_split
 
 _TORCHVISION = {
     "cifar10": (datasets.CIFAR10, 10, 3),
+    "cifar100": (datasets.CIFAR100, 100, 3),
     "mnist": (datasets.MNIST, 10, 1),
     "fashion_mnist": (datasets.FashionMNIST, 10, 1),
 }
@@ -69,7 +70,7 @@ class _FilesDataModule(ImageDataModule):
 
 
 class TorchvisionDataModule(_FilesDataModule):
-    """CIFAR-10, MNIST or Fashion-MNIST from torchvision, for cluster runs.
+    """CIFAR-10, CIFAR-100, MNIST or Fashion-MNIST from torchvision, for cluster runs.
 
     The official training set is split into train/val (``val_fraction``); the official test set is the test split.
     With ``download=True`` the files are fetched once, on local rank 0, in ``prepare_data``.
@@ -77,7 +78,7 @@ class TorchvisionDataModule(_FilesDataModule):
 
     def __init__(
         self,
-        name: Literal["cifar10", "mnist", "fashion_mnist"] = "cifar10",
+        name: Literal["cifar10", "cifar100", "mnist", "fashion_mnist"] = "cifar10",
         root: str = "data",
         download: bool = False,
         batch_size: int = 128,

@@ -5,6 +5,7 @@ from plpriv.modules.edm import EDM
 from plpriv.modules.loyal import LoyalDiffusion, LoyalStableDiffusion
 from plpriv.modules.face_detector import TernaryFaceDetector
 from plpriv.modules.tspn import TSPN
+from plpriv.modules.relu_budget import ReLUBudgetClassifier  # SENet ReLU budgets (issue 27)
 from plpriv.modules import unlearning  # COLA and the unlearning baselines (plpriv.modules.unlearning.COLA, ...)
 
-__all__ = ["EDM", "LoyalDiffusion", "LoyalStableDiffusion", "TernaryFaceDetector", "ImageClassifier"]
+__all__ = ["EDM", "LoyalDiffusion", "LoyalStableDiffusion", "TernaryFaceDetector", "ImageClassifier", "ReLUBudgetClassifier"]
