@@ -14,7 +14,7 @@ README = (ROOT / "README.md").read_text()
 def _first_code_block() -> list[str]:
     block = re.search(r"```bash\n(.*?)```", README, re.S)
     assert block is not None and README.index("```bash") < README.index("\n\n", README.index("# plpriv")) + 3
-    return [line for line in block.group(1).splitlines() if line.strip()]
+    return [line for line in block.group(1).splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
 def test_readme_opens_with_exactly_two_commands():
