@@ -49,8 +49,9 @@ WARNING = re.compile(r"^\S+\.py:\d+: |Warning|deprecated|in eval mode")
 
 def test_readme_command_prints_no_warning(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
-    command = re.search(r"plpriv fit -c (\S+)", readme.splitlines()[3])
-    assert command, "README line 4 should be the quickstart command"
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0]  # the README's opening commands
+    command = re.search(r"plpriv fit -c (\S+)", block)
+    assert command, "the README's first code block should hold the quickstart command"
     net = "--model.init_args.net.init_args."
     proc = run_plpriv(["fit", "-c", str(ROOT / command.group(1)), "--trainer.max_steps", "2",
                        f"{net}model_channels", "8", f"{net}lora_mlp", "[8]", "--trainer.enable_progress_bar",
