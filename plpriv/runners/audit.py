@@ -451,10 +451,18 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
 
     parser = build_parser()
     argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     cfg_ns = parser.parse_args(argv)
-    init = parser.instantiate(cfg_ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg_ns)
-    fields = {k: init[k] for k in AuditConfig.__dataclass_fields__ if k in init}
-    cfg = AuditConfig(**fields)
+    try:  # the config's own checks: one line naming the value (the traceback with --debug)
+        init = parser.instantiate(cfg_ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg_ns)
+        fields = {k: init[k] for k in AuditConfig.__dataclass_fields__ if k in init}
+        cfg = AuditConfig(**fields)
+    except (ValueError, TypeError) as err:
+        if debug:
+            raise
+        print(f"plpriv audit: error: {err}\n(run with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parser.save(cfg_ns, out / "config.yaml", overwrite=True)

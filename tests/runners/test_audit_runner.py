@@ -341,3 +341,17 @@ def test_runner_imports_only_public_plpriv_api() -> None:
         setattrs = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Call)
                     and getattr(node.func, "id", "") == "setattr"]
         assert private == [] and subclasses == [] and setattrs == [], path.name
+
+
+@pytest.mark.parametrize(("flag", "value", "needle"), [("--max_grad_norm", "-1", "`max_grad_norm` must be > 0"),
+                                                       ("--epsilons", "[-1]", "`epsilons` must be finite and > 0")])
+def test_audit_config_value_error_is_one_line(tmp_path: Path, capsys, flag: str, value: str, needle: str) -> None:
+    """A bad value in the audit config: exit 2 with the config's own message, no traceback (issue 25)."""
+    from plpriv.runners.audit import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["-c", str(ROOT / "recipes" / "audit" / "digits.yaml"), flag, value, "--out_dir", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"plpriv audit: error: {needle}") and "Traceback" not in err
+    assert not (tmp_path / "config.yaml").exists()  # nothing written before the refusal
