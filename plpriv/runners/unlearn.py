@@ -8,10 +8,12 @@ checks it. The runner builds the Trainer itself (``max_epochs`` = the method's `
 ``last.ckpt`` at every epoch end in ``<out_dir>/checkpoints``), so rerunning the same command after an interruption
 resumes from the last epoch; the runtime in the report sums the time of all attempts (kept in the checkpoint).
 
-``<out_dir>/report.json`` and ``report.md`` hold UA, RA, TA, MIA (MIA-Efficacy), MIA_loss, relearn, seconds, and,
-given a retrained model (``--reference``: the last.ckpt of a Retrain run, or ``model`` is Retrain), IDI with its 95 %
-interval over ``--idi_trials`` trials (default 10; every forget and retain sample; the counts in ``idi.samples``),
-its per-layer MI curves with intervals (``idi.png``) and the average gap to Retrain.
+``<out_dir>/report.json`` and ``report.md`` hold UA, RA, TA, MIA (SalUn's MIA-Efficacy), MIA_loss, MIA_AUC (the
+forget-vs-unseen loss-attack AUC, unseen = test samples of the forget classes), relearn (mean over 5 seeds, with
+relearn_std and relearn_trials), seconds, and, given a retrained model (``--reference``: the last.ckpt of a Retrain run,
+or ``model`` is Retrain), IDI with its 95 % interval over ``--idi_trials`` trials (default 10; every forget and retain
+sample; the counts in ``idi.samples``), its per-layer MI curves with intervals (``idi.png``), the average gap to
+Retrain and MIA_AUC_gap (|MIA_AUC - Retrain's|).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
@@ -29,7 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from plpriv.metrics.idi import information_difference_index
-from plpriv.modules.unlearning import Retrain, UnlearningModule, relearn_probe, unlearning_metrics
+from plpriv.modules.unlearning import Retrain, UnlearningModule, relearn_trials, unlearning_metrics
 from plpriv.modules.unlearning.evaluation import average_gap, tensor_of
 
 __all__ = ["build_parser", "main", "report_markdown", "run_unlearning"]
@@ -108,9 +111,15 @@ def run_unlearning(
     model.eval().cpu()
     net = model.net
     forget, retain, test = model.split("forget"), model.split("retain"), model.test_split()
-    report: dict[str, Any] = {"method": type(model).__name__, **unlearning_metrics(net, forget, retain, test),
-                              "seconds": timer.seconds}
-    report["relearn"] = relearn_probe(net, model.split("both"), forget) if relearn else None
+    unseen = model.forget_test_split()
+    unseen = test if unseen is None else unseen  # held-out samples like D_f (random forgetting: the whole test set)
+    report: dict[str, Any] = {"method": type(model).__name__,
+                              **unlearning_metrics(net, forget, retain, test, unseen=unseen), "seconds": timer.seconds}
+    report["relearn"] = None
+    if relearn:
+        trials = relearn_trials(net, model.split("both"), forget)
+        report.update(relearn=float(np.mean(trials)), relearn_std=float(np.std(trials, ddof=1)),
+                      relearn_trials=trials)
     ref_net = _load_net(reference, model) if isinstance(reference, (str, Path)) else reference
     if isinstance(model, Retrain):
         report["IDI"] = 0.0  # ID(retrain) = 0 by definition
@@ -127,9 +136,12 @@ def run_unlearning(
         report.update(IDI=result.idi, IDI_ci95=summary["IDI_ci95"], IDI_std=summary["IDI_std"], idi=summary)
     else:
         report["IDI"] = None  # needs --reference
-    if ref_net is not None and not isinstance(model, Retrain):
-        ref = unlearning_metrics(ref_net, forget, retain, test)
+    if isinstance(model, Retrain):
+        report["MIA_AUC_gap"] = 0.0
+    elif ref_net is not None:
+        ref = unlearning_metrics(ref_net, forget, retain, test, unseen=unseen)
         report["avg_gap"] = average_gap(report, ref)
+        report["MIA_AUC_gap"] = abs(report["MIA_AUC"] - ref["MIA_AUC"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(report_markdown({report["method"]: report}))
@@ -147,14 +159,29 @@ def _idi_cell(r: dict[str, Any]) -> str:
     return f"{r['IDI']:.3f} (n={trials})" if trials is not None else f"{r['IDI']:.3f} (by definition)"
 
 
+#: report key -> column title: MIA-Eff. is SalUn's MIA-Efficacy (% of D_f called non-member), MIA AUC the
+#: forget-vs-unseen loss attack (0.5: D_f looks unseen) and its gap to Retrain's AUC
+COLUMNS = {"UA": "UA", "RA": "RA", "TA": "TA", "MIA": "MIA-Eff. (SalUn)", "MIA_loss": "MIA_loss",
+           "MIA_AUC": "MIA AUC (f vs unseen)", "MIA_AUC_gap": "AUC gap to Retrain", "IDI": "IDI [95% CI]",
+           "relearn": "relearn (mean ± sd)", "seconds": "seconds"}
+
+
+def _cell(key: str, r: dict[str, Any]) -> str:
+    if key == "IDI":
+        return _idi_cell(r)
+    if r.get(key) is None:
+        return "-"
+    if key == "relearn" and r.get("relearn_std") is not None:
+        return f"{r[key]:.1f} ± {r['relearn_std']:.1f}"
+    return f"{r[key]:.3f}" if key.startswith("MIA_AUC") else f"{r[key]:.2f}"
+
+
 def report_markdown(results: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table of method -> metrics (UA, RA, TA, MIA, MIA_loss, IDI with its 95 % interval, relearn,
-    seconds)."""
-    keys = ("UA", "RA", "TA", "MIA", "MIA_loss", "IDI [95% CI]", "relearn", "seconds")
-    lines = ["| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    """A Markdown table of method -> metrics (UA, RA, TA, MIA-Efficacy, MIA_loss, MIA AUC and its gap to Retrain,
+    IDI with its 95 % interval, relearn with its spread over seeds, seconds)."""
+    lines = ["| method | " + " | ".join(COLUMNS.values()) + " |", "|---|" + "---|" * len(COLUMNS)]
     for name, r in results.items():
-        cells = [_idi_cell(r) if k.startswith("IDI") else "-" if r.get(k) is None else f"{r[k]:.2f}" for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(k, r) for k in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -61,6 +61,9 @@ def test_cli_runs_a_recipe_and_writes_the_reports(original: str, tmp_path, monke
         assert {"UA", "RA", "TA", "MIA", "MIA_loss", "IDI", "relearn", "seconds"} <= set(r)
         assert all(0 <= r[k] <= 100 for k in ("UA", "RA", "TA", "MIA", "MIA_loss")) and r["seconds"] > 0
     assert retrain["relearn"] is None and 0 <= report["relearn"] <= 100
+    assert len(report["relearn_trials"]) == 5 and report["relearn_std"] >= 0
+    assert 0 <= retrain["MIA_AUC"] <= 1 and retrain["MIA_AUC_gap"] == 0.0
+    assert report["MIA_AUC_gap"] == pytest.approx(abs(report["MIA_AUC"] - retrain["MIA_AUC"]))
     assert retrain["IDI"] == 0.0 and retrain["method"] == "Retrain"
     assert report["method"] == "COLA" and isinstance(report["IDI"], float) and "avg_gap" in report
     assert report["idi"]["layers"] == ["features.3", "features.7", "features.11"]
@@ -74,6 +77,7 @@ def test_cli_runs_a_recipe_and_writes_the_reports(original: str, tmp_path, monke
     assert (cola_dir / "idi.png").read_bytes()[:4] == b"\x89PNG"
     md = (cola_dir / "report.md").read_text()
     assert md.startswith("| method | UA |") and "| COLA |" in md
+    assert "MIA-Eff. (SalUn)" in md and "MIA AUC (f vs unseen)" in md and f"| {report['MIA_AUC']:.3f} |" in md
     assert f"| {report['IDI']:.3f} [{low:.2f}, {high:.2f}] |" in md
 
 

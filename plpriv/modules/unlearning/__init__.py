@@ -3,9 +3,12 @@
 from plpriv.modules.unlearning.base import FlaggedSubset, UnlearningModule
 from plpriv.modules.unlearning.evaluation import (
     average_gap,
+    forget_vs_unseen_auc,
     loss_threshold_mia,
     mia_efficacy,
     relearn_probe,
+    relearn_trials,
+    roc_auc,
     unlearning_metrics,
 )
 from plpriv.modules.unlearning.methods import (
@@ -24,6 +27,6 @@ from plpriv.modules.unlearning.methods import (
 
 __all__ = [
     "COLA", "FT", "GA", "METHODS", "RL", "SCRUB", "FlaggedSubset", "HeadDistillation", "L1Sparse", "Retrain",
-    "SalUn", "UnlearningModule", "average_gap", "loss_threshold_mia", "mia_efficacy", "relearn_probe",
-    "supcon_loss", "unlearning_metrics",
+    "SalUn", "UnlearningModule", "average_gap", "forget_vs_unseen_auc", "loss_threshold_mia", "mia_efficacy",
+    "relearn_probe", "relearn_trials", "roc_auc", "supcon_loss", "unlearning_metrics",
 ]
