@@ -39,7 +39,8 @@ The privacy boundary (:mod:`plpriv.privacy.contract`): modules are told the publ
 dropped unless named in ``log_training_metrics``; the first step probes that each example's per-sample gradient
 depends on that example alone (:mod:`plpriv.privacy.independence`).
 
-Refused before training, with what to do: BatchNorm (``fix_modules``), 16-bit precision with a GradScaler,
+Refused before training, with the fix for the layer's type: BatchNorm, ``nn.MultiheadAttention``, LSTM/GRU
+(``fix_modules``), 16-bit precision with a GradScaler,
 ``gradient_clip_val``, gradient accumulation with Poisson sampling (use ``max_physical_batch_size``), samplers whose
 examples Poisson sampling cannot reproduce, strategies other than single-device and DDP, several private optimizers.
 Refused at the first step: two private optimizer steps on one batch (manual optimization), a forward pass through a
@@ -129,7 +130,10 @@ class DPSGD(Callback):
         grad_sample_mode: ``"hooks"``, ``"functorch"`` or ``"ghost"`` (ghost clipping: ``training_step`` returns
             the per-sample losses, shape ``[batch]``).
         max_physical_batch_size: split logical batches into chunks of at most this size (virtual steps).
-        fix_modules: replace BatchNorm & co. in place before the optimizer is built.
+        fix_modules: make the model trainable by opacus in place before the optimizer is built: BatchNorm ->
+            GroupNorm, ``nn.MultiheadAttention`` -> ``plpriv.nets.DPMultiheadAttention``, LSTM/GRU/RNN -> opacus'
+            DP versions (both with the weights copied exactly), ``inplace=True`` layers -> ``inplace=False``
+            (:func:`plpriv.privacy.validation.fix_modules`).
         stop_on_budget: with ``target_epsilon``, stop before the step that would exceed it and refuse to resume a
             spent run.
         secure_mode: cryptographically secure noise and sampling (``torchcsprng``).

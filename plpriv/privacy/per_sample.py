@@ -10,17 +10,23 @@ hooks see. Three ways to get a wrong clipped sum silently, each turned into an e
   ``nn.Parameter`` used directly): it gets a gradient but no per-sample gradient, opacus would train it on zeros
   (hooks) or leave it out of the clipping norm (ghost clipping).
 * activations of a forward pass without backward (EMA, sampling in training mode) would pair with the next backward.
+
+The backward half of opacus' hooks is a tensor hook on each layer's output instead of opacus' full backward hook: a
+full backward hook returns the output as a view of a custom Function, and in-place code after the layer (ResNets'
+``x += shortcut``, ``ReLU(inplace=True)``) then fails. A tensor hook registered before an in-place op receives the
+gradient of the layer's own output, which is what opacus' per-sample rule needs (same values, same order).
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from opacus.grad_sample.functorch import prepare_layer
 from opacus.grad_sample.utils import get_hooks_class
+from opacus.layers import DPGRU, DPLSTM, DPRNN
 from torch import nn
 
 from plpriv.privacy.validation import join_path
@@ -32,27 +38,73 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
 @functools.cache
 def _checked_hooks_class(mode: str) -> type:
-    """opacus' hooks class for ``mode`` with two changes: a backward pass whose forward recorded nothing (eval mode,
+    """opacus' hooks class for ``mode`` with four changes: a backward pass whose forward recorded nothing (eval mode,
     parameters frozen by ``toggle_optimizer``) is not part of the private step and is skipped (opacus would fail on
-    the empty activation list); every recorded activation goes through ``self.on_activation`` (the size check)."""
+    the empty activation list); every recorded activation is made contiguous and goes through
+    ``self.on_activation`` (the size check); the backward half is a tensor hook on the output (module docstring)."""
     base = get_hooks_class(mode)
 
     def capture_activations_hook(self: Any, module: nn.Module, forward_input: Any, output: Any) -> None:
         before = len(getattr(module, "activations", ()))
-        base.capture_activations_hook(self, module, forward_input, output)
-        if len(getattr(module, "activations", ())) > before and self.on_activation is not None:
-            self.on_activation(module)
+        try:
+            base.capture_activations_hook(self, module, forward_input, output)
+        except NotImplementedError as error:  # ghost clipping: opacus' "Parameter tying is not supported"
+            path = self.module_path(module) if self.module_path is not None else type(module).__name__
+            raise ValueError(
+                f"DPSGD(grad_sample_mode='ghost'): `{path}` ({type(module).__name__}) runs more than once per forward"
+                f" pass (a shared or tied layer), which ghost clipping cannot norm per example ({error}). Use"
+                " grad_sample_mode='hooks' or 'functorch', which support it."
+            ) from error
+        if len(getattr(module, "activations", ())) > before:
+            # opacus 1.6's conv rule (unfold2d) reads the padded input with NCHW strides: a channels-last input
+            # (e.g. after diffusers' attention reshape) gave silently wrong per-sample gradients (zeros)
+            module.activations[-1] = [t.contiguous() if isinstance(t, torch.Tensor) else t
+                                      for t in module.activations[-1]]
+            if self.on_activation is not None:
+                self.on_activation(module)
 
     def capture_backprops_hook(self: Any, module: nn.Module, *args: Any, **kwargs: Any) -> None:
         if not getattr(module, "activations", None):
             return
         base.capture_backprops_hook(self, module, *args, **kwargs)
 
+    def watch_output(self: Any, module: nn.Module, _inputs: Any, output: Any, *, loss_reduction: str,
+                     batch_first: bool) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if not (isinstance(out, torch.Tensor) and out.requires_grad and self.hooks_enabled and module.training
+                and torch.is_grad_enabled()):
+            return
+
+        def on_grad(grad: torch.Tensor) -> None:
+            self.capture_backprops_hook(module, None, (grad,), loss_reduction=loss_reduction,
+                                        batch_first=batch_first)
+
+        out.register_hook(on_grad)
+
+    def add_hooks(self: Any, *, loss_reduction: str = "mean", batch_first: bool = True,
+                  force_functorch: bool = False) -> None:
+        # opacus' add_hooks with the full backward hook replaced by `watch_output` (see the module docstring);
+        # its handles go where opacus' remove_hooks finds them
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError("Trying to add hooks twice to the same model")
+        handles: list[Any] = []
+        self._module.autograd_grad_sample_hooks = handles
+        self.autograd_grad_sample_hooks = handles
+        for module in self.iterate_submodules(self._module):
+            if type(module) in (DPRNN, DPLSTM, DPGRU):  # their RNNLinear cells carry the hooks
+                continue
+            if force_functorch or self._get_module_type(module) not in self.GRAD_SAMPLERS:
+                prepare_layer(module, batch_first=batch_first)
+            handles.append(module.register_forward_hook(self.capture_activations_hook))
+            handles.append(module.register_forward_hook(
+                functools.partial(watch_output, self, loss_reduction=loss_reduction, batch_first=batch_first)))
+        self.enable_hooks()
+
     return type(
         f"Checked{base.__name__}",
         (base,),
         {"capture_activations_hook": capture_activations_hook, "capture_backprops_hook": capture_backprops_hook,
-         "on_activation": None},
+         "add_hooks": add_hooks, "on_activation": None, "module_path": None},
     )
 
 
@@ -78,8 +130,6 @@ class PerSampleHooks:
             raise ValueError(f"`grad_sample_mode` must be one of {GRAD_SAMPLE_MODES}, got {mode!r}.")
         self.mode = mode
         self.batch_size: int | None = None  # the private (physical) batch's size; other sizes raise
-        # opacus' hook on the first layer fires although the input needs no gradient: harmless, said every step
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         hooks_cls = _checked_hooks_class(mode)
         kwargs: dict[str, Any] = {"batch_first": True, "loss_reduction": "mean", "strict": True}
         if mode == "functorch":
@@ -95,6 +145,7 @@ class PerSampleHooks:
                 raise ValueError(f"`{path or 'the LightningModule'}` already has opacus hooks: attach DPSGD once.")
             hooks = hooks_cls(root, **kwargs)
             hooks.on_activation = self._check_activation
+            hooks.module_path = lambda m: self._paths.get(id(m), type(m).__name__)
             if forbid_accumulation:
                 hooks.forbid_grad_accumulation()
             self._hooks.append(hooks)

@@ -1,7 +1,15 @@
 """Which sub-modules DP-SGD trains, and whether opacus can train them (no Lightning imports).
 
-Errors name the sub-module path and the fix; :func:`fix_modules` swaps BatchNorm & co. in place (opacus'
-``ModuleValidator.fix`` returns a copy, which a callback cannot hand back to the trainer).
+Errors name the sub-module path, why, and the fix for that layer type. :func:`fix_modules` changes the model in
+place (opacus' ``ModuleValidator.fix`` returns a copy, which a callback cannot hand back to the trainer):
+
+* ``BatchNorm*`` -> ``GroupNorm(gcd(32, C), C)`` (opacus' rule; fresh affine weights, no running statistics);
+* ``nn.MultiheadAttention`` -> :class:`plpriv.nets.dp_attention.DPMultiheadAttention` (same function and masks,
+  weights copied exactly; ``nn.Transformer`` and ``nn.TransformerEncoder/Decoder`` use it through their layers);
+* ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` -> opacus' ``DPLSTM`` / ``DPGRU`` / ``DPRNN`` (weights copied exactly);
+* ``InstanceNorm*(track_running_stats=True)`` -> the same without running statistics;
+* every ``inplace=True`` layer (``ReLU``, ``Dropout``, timm's activations, ...) -> ``inplace=False`` (same function;
+  in-place writes on a hooked layer's output or a recorded activation are what per-sample hooks cannot follow).
 """
 
 from __future__ import annotations
@@ -10,28 +18,73 @@ from collections.abc import Callable
 
 from opacus.validators import ModuleValidator
 from torch import nn
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["check_loss_modules", "fix_modules", "join_path", "private_roots", "validate_modules"]
+__all__ = ["check_loss_modules", "fix_modules", "join_path", "layer_fix", "private_roots", "validate_modules"]
+
+_RNN_TYPES = (nn.LSTM, nn.GRU, nn.RNN)
 
 
 def join_path(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def fix_modules(module: nn.Module, log: Callable[[str], None] = print) -> list[str]:
-    """Replace sub-modules opacus cannot train (BatchNorm, ...) in place, keeping device, dtype and trainability.
+def _attention_fixer(sub: nn.Module) -> nn.Module:
+    from plpriv.nets.dp_attention import DPMultiheadAttention  # plpriv.nets imports heavy optional packages
 
-    Returns the replaced paths; ``log`` receives one line per replacement.
-    """
+    return DPMultiheadAttention.from_torch(sub)  # type: ignore[arg-type]
+
+
+def _fixer(sub: nn.Module) -> Callable[[nn.Module], nn.Module] | None:
+    """The replacement rule for ``sub``, or ``None`` when it needs none or has none."""
+    if isinstance(sub, nn.MultiheadAttention):
+        return None if sub.bias_k is not None or sub.add_zero_attn else _attention_fixer
+    if isinstance(sub, _RNN_TYPES) and getattr(sub, "proj_size", 0):
+        return None  # opacus' DPLSTM has no projection
+    fixer = ModuleValidator.FIXERS.get(type(sub))
+    validator = ModuleValidator.VALIDATORS.get(type(sub))
+    if fixer is None or not (isinstance(sub, _BatchNorm) or (validator and validator(sub))):
+        return None
+    return fixer
+
+
+def layer_fix(sub: nn.Module) -> str:
+    """What to do about a layer opacus cannot train, for this layer type (used in refusals)."""
+    name = type(sub).__name__
+    if isinstance(sub, nn.MultiheadAttention):
+        if sub.bias_k is not None or sub.add_zero_attn:
+            return ("no DP version of add_bias_kv/add_zero_attn: build it with add_bias_kv=False,"
+                    " add_zero_attn=False, then DPSGD(fix_modules=True) swaps it for plpriv's DPMultiheadAttention")
+        return ("set DPSGD(fix_modules=True): it swaps it for plpriv.nets.dp_attention.DPMultiheadAttention (same"
+                " function and masks, causal included; weights carried over)")
+    if isinstance(sub, _RNN_TYPES):
+        if getattr(sub, "proj_size", 0):
+            return f"opacus' DP{name} has no proj_size: use proj_size=0 and an nn.Linear after it"
+        return f"set DPSGD(fix_modules=True): it swaps it for opacus' DP{name} (weights carried over)"
+    if isinstance(sub, _BatchNorm):
+        return ("set DPSGD(fix_modules=True): it replaces it by GroupNorm(gcd(32, C), C), or pass a GroupNorm /"
+                " LayerNorm norm layer to the model's constructor")
+    if isinstance(sub, _InstanceNorm):
+        return f"set DPSGD(fix_modules=True) or build it with {name}(track_running_stats=False)"
+    if type(sub) in ModuleValidator.FIXERS:
+        return "set DPSGD(fix_modules=True) to replace it"
+    return ("no per-sample gradient rule: freeze it, or rebuild it from supported layers (Linear, Conv, GroupNorm,"
+            " LayerNorm, Embedding)")
+
+
+def fix_modules(module: nn.Module, log: Callable[[str], None] = print) -> list[str]:
+    """Make ``module`` trainable by opacus in place (the rules in the module docstring), keeping device, dtype,
+    training mode and trainability. Returns the replaced paths; ``log`` receives one line per replacement."""
     replaced = []
+    inplace = []
     for path, sub in list(module.named_modules()):
-        fixer = ModuleValidator.FIXERS.get(type(sub))
-        validator = ModuleValidator.VALIDATORS.get(type(sub))
+        if getattr(sub, "inplace", None) is True:
+            sub.inplace = False  # public attribute of torch's and timm's in-place layers; same function
+            inplace.append(path)
+        fixer = _fixer(sub)
         if fixer is None or not path:
-            continue
-        if not isinstance(sub, _BatchNorm) and not (validator and validator(sub)):
             continue
         new = fixer(sub)
         ref = next(iter(sub.parameters()), None)
@@ -41,10 +94,14 @@ def fix_modules(module: nn.Module, log: Callable[[str], None] = print) -> list[s
         trainable = any(p.requires_grad for p in sub.parameters())
         for p in new.parameters():
             p.requires_grad_(trainable)
+        new.train(sub.training)
         parent_path, _, name = path.rpartition(".")
         setattr(module.get_submodule(parent_path), name, new)
         replaced.append(path)
-        log(f"DPSGD(fix_modules=True): replaced `{path}` ({type(sub).__name__}) by {new}.")
+        log(f"DPSGD(fix_modules=True): replaced `{path}` ({type(sub).__name__}) by {type(new).__name__}.")
+    if inplace:
+        log(f"DPSGD(fix_modules=True): set inplace=False on {len(inplace)} layers ({', '.join(inplace[:3])}"
+            f"{', ...' if len(inplace) > 3 else ''}).")
     return replaced
 
 
@@ -94,9 +151,14 @@ def validate_modules(roots: list[tuple[str, nn.Module]]) -> None:
     for root_path, root in roots:
         for name, sub in root.named_modules():
             path = join_path(root_path, name) or "the LightningModule"
-            fixable = type(sub) in ModuleValidator.FIXERS
             if isinstance(sub, _BatchNorm):
                 reason = "BatchNorm mixes the examples of a batch (batch statistics, running buffers)"
+            elif not any(p.requires_grad for p in sub.parameters()):
+                continue  # frozen: opacus puts no hooks on it
+            elif isinstance(sub, nn.MultiheadAttention):
+                reason = "its packed in_proj_weight is used inside F.multi_head_attention_forward, out of opacus' hooks"
+            elif isinstance(sub, _RNN_TYPES):
+                reason = "its fused recurrent kernel hides the per-time-step products opacus' hooks need"
             elif any(p.requires_grad for p in sub.parameters(recurse=False)):
                 validator = ModuleValidator.VALIDATORS.get(type(sub))
                 errors = validator(sub) if validator else []
@@ -108,11 +170,6 @@ def validate_modules(roots: list[tuple[str, nn.Module]]) -> None:
                     continue
             else:
                 continue
-            fix = (
-                "set DPSGD(fix_modules=True) to replace it, or replace it by hand (e.g. GroupNorm)"
-                if fixable
-                else "replace it by a supported layer (Linear, Conv, GroupNorm, LayerNorm, Embedding, ...)"
-            )
-            problems.append(f"`{path}` ({type(sub).__name__}): {reason}; {fix}.")
+            problems.append(f"`{path}` ({type(sub).__name__}): {reason}; {layer_fix(sub)}.")
     if problems:
         raise ValueError("DPSGD cannot train these modules privately:\n  " + "\n  ".join(problems))
