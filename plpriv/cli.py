@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from plpriv.cli_callbacks import CallbackOverride, apply_overrides, split_overrides
 from plpriv.cli_checks import RunRefusal, check_checkpoint_model, check_new_run, check_recorded_class, resolve_best
 from plpriv.cli_errors import parser_error_message
-from plpriv.entry import SUBCOMMANDS, print_top_level_help  # the static help (no Lightning import there)
+from plpriv.cli_help import SUBCOMMANDS, print_top_level_help  # static text (no Lightning import there)
 
 PRIVACY_KEY = "plpriv_privacy"  # top-level checkpoint key DPSGD writes: how the weights were trained privately
 
