@@ -186,9 +186,10 @@ def wrap_training_step(dp: DPEngine, trainer: Trainer, pl_module: LightningModul
             raise ValueError(
                 f"DPSGD: `{type(pl_module).__name__}.training_step` couples the examples of a batch: replacing one"
                 f" example changed the per-sample gradients of the others (parameters {names}). A layer or loss that"
-                " mixes examples (batch statistics, in-batch negatives, mixup) breaks DP-SGD's sensitivity bound C:"
-                " epsilon would not hold. Compute each example's loss from that example alone (GroupNorm/LayerNorm"
-                " instead of batch statistics; per-example augmentation)."
+                " mixes examples (batch statistics, in-batch negatives, mixup, a sequence-first layer whose dim 0 is"
+                " not the batch) breaks DP-SGD's sensitivity bound C: epsilon would not hold. Compute each example's"
+                " loss from that example alone (GroupNorm/LayerNorm instead of batch statistics; per-example"
+                " augmentation; the batch dimension first in every private layer, e.g. batch_first=True)."
             )
         if result is not None and not result.reproducible:
             on_unverified(type(pl_module).__name__)

@@ -253,3 +253,32 @@ def test_ghost_clipping_refuses_the_demo_transformers_shared_embedding(tmp_path:
     with pytest.raises(ValueError, match=r"`net\.embedding` \(Embedding\) runs more than once.*'hooks' or"):
         run_private("lightning_demo_transformer", "ghost", tmp_path, fix_modules=True)
 
+
+
+class _SequenceFirst(nn.Module):
+    """A sequence-first model: its Linear layers see [seq, batch, features] (dim 0 is not the batch)."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__()
+        self.seq = seq
+        self.inp, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x.view(len(x), self.seq, 4).transpose(0, 1)))  # [seq, batch, 8]
+        return self.out(h).mean(0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("seq", "needle"), [(5, r"`net\.inp` ran a forward pass on a batch of \[5\] rows"),
+                                             (BATCH, r"couples the examples.*sequence-first layer")])
+def test_sequence_first_model_is_refused_at_the_first_step(seq: int, needle: str, tmp_path: Path) -> None:
+    """opacus reads dim 0 as the batch: a sequence-first layer is refused at the first step, by the batch-size check
+    (seq != batch) or by the per-example independence probe (seq == batch: every output mixes examples)."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(N, seq * 4, generator=g), torch.randint(0, 3, (N,), generator=g))
+    dp = DPSGD(max_grad_norm=C, noise_multiplier=0.0, poisson_sampling=False, seed=0, target_delta=1e-5,
+               accountant="rdp", dataset_size=N, fix_modules=True)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, max_steps=2, default_root_dir=tmp_path, callbacks=[dp])
+    with pytest.raises(ValueError, match=needle):
+        trainer.fit(Peer(_SequenceFirst(seq), _classify), DataLoader(data, batch_size=BATCH, shuffle=False))
