@@ -23,6 +23,7 @@ apply, the server sees who sends).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -30,6 +31,7 @@ from typing import Any, ClassVar
 import torch
 from opacus.accountants import IAccountant
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from plpriv.privacy.accounting import History
 from plpriv.privacy.mechanisms import Mechanism
@@ -58,21 +60,15 @@ class _LocalOptimizer:
     """Mixin: no central noise (the participants' randomizers are the mechanism)."""
 
     def add_noise(self) -> None:
-        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-
         for p in self.params:  # type: ignore[attr-defined]
             _check_processed_flag(p.summed_grad)
             p.grad = p.summed_grad.view_as(p)
             _mark_as_processed(p.summed_grad)
 
 
-_CLASSES: dict[type, type] = {}
-
-
+@functools.cache
 def _local_class(base: type) -> type:
-    if base not in _CLASSES:
-        _CLASSES[base] = type(f"Local{base.__name__}", (_LocalOptimizer, sparsifying_class(base)), {})
-    return _CLASSES[base]
+    return type(f"Local{base.__name__}", (_LocalOptimizer, sparsifying_class(base)), {})
 
 
 class LocalRandomizerMechanism(SparsifiedMechanism):
@@ -172,7 +168,3 @@ class LocalRandomizerMechanism(SparsifiedMechanism):
     def record(self) -> dict[str, Any]:
         return {"mechanism": self.name, "randomizer": self.randomizer, "local_epsilon": self.local_epsilon,
                 "bits": self.bits if self.randomizer != "privunitg" else None, "trust_model": "local"}
-
-    def changes(self, state: dict[str, Any]) -> list[str]:
-        return [f"{k} {state[k]!r} -> {v!r}" for k, v in self.record().items()
-                if k != "mechanism" and k in state and state[k] != v]

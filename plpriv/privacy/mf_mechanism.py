@@ -120,6 +120,7 @@ class MatrixFactorizationMechanism(SparsifiedMechanism):
         self.strategy_name, self.bands, self.optimizer_seed = strategy, bands, int(optimizer_seed)
         self.strategy: Strategy | None = None
         self.participation: Participation | None = None
+        self.participation_steps = 1  # the steps per epoch of the plan (tree-restart's block length)
         self.sens: float | None = None
         self._resumed: dict[str, Any] | None = None
 
