@@ -26,6 +26,7 @@ from plpriv.nets.augment import NonLeakingAugment
 from plpriv.nets.edm_precond import EDMLoss, EDMPrecond
 from plpriv.privacy.contract import PublicBatch
 from plpriv.sampling.edm import StepCallback, edm_sampler
+from plpriv.sampling.guidance import Guidance, GuidedDenoiser
 from plpriv.utils.figures import run_dir, save_and_log_images
 from plpriv.utils.samples import SampleWriter
 from plpriv.utils.seeding import derive_seed
@@ -119,6 +120,9 @@ class EDM(LightningModule):
         init_checkpoint: start from these weights (fine-tuning, e.g. the LoRA paper's recipe from a pretrained EDM
             net): a plpriv EDM checkpoint (its EMA weights) or a plain state dict of the raw network. Missing LoRA
             parameters keep their initialisation (LoRA starts as the identity); other missing keys are an error.
+        guidance: guidance terms used by every sample (validation grids, FID, ``predict``): reward guidance,
+            universal forward/backward guidance (:mod:`plpriv.sampling.guidance`, e.g. censored sampling); with
+            ``sampler_kwargs: {recurrence: R}`` for self-recurrence. Not saved in checkpoints.
     """
 
     def __init__(
@@ -147,6 +151,7 @@ class EDM(LightningModule):
         predict_class: int | None = None,
         predict_dir: str | None = None,
         init_checkpoint: str | None = None,
+        guidance: Guidance | Sequence[Guidance] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -170,7 +175,7 @@ class EDM(LightningModule):
             self.save_hyperparameters()
         # Under the CLI the hyperparameters are the config (net/optimizer as class_path dicts), which lets
         # `EDM.load_from_checkpoint` rebuild the model; objects passed from Python are not stored (no pickled modules).
-        for key in ("net", "optimizer", "fid_feature"):
+        for key in ("net", "optimizer", "fid_feature", "guidance"):
             if not isinstance(self.hparams.get(key), (dict, str, type(None))):
                 self._hparams.pop(key, None)
                 self._hparams_initial.pop(key, None)
@@ -211,6 +216,10 @@ class EDM(LightningModule):
         self.grad_nan_to_num = grad_nan_to_num
         self.seed = int(seed)
         self.sampler_kwargs = dict(sampler_kwargs or {})
+        if guidance is not None:
+            GuidedDenoiser(self.net, guidance)  # checks the terms now, not at the first sample
+        # Not a submodule: reward networks stay out of this model's checkpoints (moved to the device when sampling).
+        self.guidance = guidance
         self.val_sigmas = [float(s) for s in val_sigmas]
         self.num_val_samples = num_val_samples
         self.fid_num_samples = fid_num_samples
@@ -300,12 +309,14 @@ class EDM(LightningModule):
         generator: torch.Generator | None = None,
         use_ema: bool = True,
         callback: StepCallback | None = None,
+        guidance: Guidance | Sequence[Guidance] | None = None,
         **sampler_overrides: Any,
     ) -> Tensor:
         """Draw samples ``[N, C, H, W]`` (fp32, nominally ``[-1, 1]``, not clamped) with EDM's Heun sampler.
 
         ``class_labels``: integer classes ``[N]`` (default for a conditional model: ``arange(N) % num_classes``).
         ``latents``: standard normal ``[N, C, H, W]`` (default: drawn from ``generator``).
+        ``guidance``: guidance terms (:mod:`plpriv.sampling.guidance`) for this call; default: the model's ``guidance``.
         """
         if latents is None:
             if num_samples is None:
@@ -315,8 +326,10 @@ class EDM(LightningModule):
         if self.num_classes and class_labels is None:
             class_labels = torch.arange(n, device=latents.device) % self.num_classes
         net = self.ema if use_ema else self.net
+        guidance = self.guidance if guidance is None else guidance
+        denoiser = GuidedDenoiser(net, guidance).to(self.device) if guidance is not None else net
         with self._eval_mode(net):
-            x = edm_sampler(net, latents.to(self.device), class_labels, generator=generator, callback=callback,
+            x = edm_sampler(denoiser, latents.to(self.device), class_labels, generator=generator, callback=callback,
                             **self.sampler_settings(**sampler_overrides))
         return x.to(torch.float32)
 
@@ -571,7 +584,9 @@ class EDM(LightningModule):
             torch.randn(self.image_shape, generator=torch.Generator().manual_seed(derive_seed(self.seed, 3, int(s))))
             for s in seeds.tolist()
         ]).to(self.device)
-        x = self.sample(latents=latents, class_labels=labels)
+        # Churn/recurrence noise: reproducible from the seed of the batch's first image (depends on the batching).
+        noise = torch.Generator(self.device).manual_seed(derive_seed(self.seed, 4, int(seeds[0])))
+        x = self.sample(latents=latents, class_labels=labels, generator=noise)
         uint8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         out = {"images": uint8.cpu(), "seeds": seeds.cpu()}
         if labels is not None:

@@ -61,6 +61,7 @@ def edm_sampler(
     S_noise: float = 1.0,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    recurrence: int = 1,
 ) -> Tensor:
     """Sample with EDM Algorithm 2: Heun's 2nd-order method, optional churn; ``2 * num_steps - 1`` network calls.
 
@@ -70,12 +71,17 @@ def edm_sampler(
         latents: standard normal ``[B, C, H, W]``; scaled by ``sigma_max`` and integrated in fp64.
         class_labels: passed to ``net`` unchanged (indices or one-hot).
         num_steps: N; ``S_churn``/``S_min``/``S_max``/``S_noise``: stochasticity (EDM Table 5; 0 = deterministic ODE).
-        generator: draws the churn noise (only used when ``S_churn > 0``).
+        generator: draws the churn and recurrence noise (only used when ``S_churn > 0`` or ``recurrence > 1``).
         callback: ``callback(i, sigma, x, denoised)`` after each Euler evaluation (see :data:`StepCallback`).
+        recurrence: R, universal guidance's self-recurrence (Bansal et al. 2023, Algorithm 1): each step is taken R
+            times; between repeats ``x_next`` is re-noised back to ``t_hat`` with fresh noise from ``generator``
+            (``x <- x_next + sqrt(t_hat^2 - t_next^2) z``, the forward process), and the last repeat is kept.
 
     Returns:
         fp64 samples ``[B, C, H, W]`` (no clamping).
     """
+    if not isinstance(recurrence, int) or isinstance(recurrence, bool) or recurrence < 1:
+        raise ValueError(f"`recurrence` must be an int >= 1 (1 = no recurrence), got {recurrence!r}")
     if S_churn < 0 or S_noise < 0:
         raise ValueError(f"`S_churn` and `S_noise` must be >= 0, got S_churn={S_churn!r}, S_noise={S_noise!r}")
     sigma_min = max(sigma_min, float(getattr(net, "sigma_min", 0.0)))
@@ -99,14 +105,18 @@ def edm_sampler(
             x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * eps
         else:
             x_hat = x_cur
-        # Euler step (lines 7-8).
-        denoised = denoise(x_hat, t_hat)
-        if callback is not None:
-            callback(i, t_hat, x_hat, denoised)
-        d_cur = (x_hat - denoised) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
-        # Heun correction except on the last step to t = 0 (lines 9-11).
-        if i < num_steps - 1:
-            d_prime = (x_next - denoise(x_next, t_next)) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        for r in range(recurrence):
+            if r > 0:  # self-recurrence: back to t_hat along the forward process, then the same step again
+                z = torch.randn(x_hat.shape, generator=generator, device=x_hat.device, dtype=torch.float64)
+                x_hat = x_next + (t_hat**2 - t_next**2).sqrt() * z
+            # Euler step (lines 7-8).
+            denoised = denoise(x_hat, t_hat)
+            if callback is not None:
+                callback(i, t_hat, x_hat, denoised)
+            d_cur = (x_hat - denoised) / t_hat
+            x_next = x_hat + (t_next - t_hat) * d_cur
+            # Heun correction except on the last step to t = 0 (lines 9-11).
+            if i < num_steps - 1:
+                d_prime = (x_next - denoise(x_next, t_next)) / t_next
+                x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
