@@ -30,6 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from plpriv.cli_callbacks import CallbackOverride, apply_overrides, split_overrides
 from plpriv.cli_checks import RunRefusal, check_checkpoint_model, check_new_run, check_recorded_class, resolve_best
+from plpriv.cli_formatter import PlprivArgumentParser
 from plpriv.cli_errors import parser_error_message
 from plpriv.cli_help import SUBCOMMANDS, print_top_level_help  # static text (no Lightning import there)
 
@@ -220,6 +221,7 @@ class PlprivCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         # exit_on_error=False: a parser error is raised (ArgumentError), and `main` prints one line for it
         kwargs.setdefault("parser_kwargs", {"default_env": False, "exit_on_error": False})
+        kwargs.setdefault("parser_class", PlprivArgumentParser)  # concise "known subclasses" in every help
         argv = kwargs.get("args", args[11] if len(args) > 11 else None)  # LightningCLI's 12th positional: args
         self._argv: list[str] | None = (list(sys.argv[1:]) if argv is None else
                                         list(argv) if isinstance(argv, (list, tuple)) else None)

@@ -58,6 +58,9 @@ def test_the_advertised_model_help_works():
     result = _plpriv("fit", "--model.help", "plpriv.modules.EDM")
     assert result.returncode == 0, result.stderr
     assert "--model.sigma_data" in result.stdout and "--model.init_checkpoint" in result.stdout
+    # concise: the class's own arguments, not jsonargparse's list of every importable nn.Module (1,601 lines before)
+    assert "torch.ao.nn" not in result.stdout and "plpriv.nets.SongUNet" in result.stdout
+    assert len(result.stdout.splitlines()) < 400, len(result.stdout.splitlines())
 
 
 def test_top_level_help_imports_neither_torch_nor_lightning():
