@@ -18,6 +18,7 @@ Retrain and MIA_AUC_gap (|MIA_AUC - Retrain's|).
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from collections.abc import Sequence
@@ -58,6 +59,28 @@ class _Timer(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seconds = float(state.get("seconds", 0.0))
+
+
+def _read_metrics(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _keep_earlier_metrics(path: Path, earlier: list[dict[str, str]]) -> None:
+    """Put back the rows of the attempts before a resume: Lightning's CSV logger deletes ``metrics.csv`` when it
+    opens a non-empty log directory. Rows from the resumed step on are this attempt's."""
+    if not earlier:
+        return
+    new = _read_metrics(path)
+    first = min((int(r["step"]) for r in new if r.get("step", "").isdigit()), default=None)
+    rows = [r for r in earlier if first is None or not r.get("step", "").isdigit() or int(r["step"]) < first] + new
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _load_net(path: str | None, like: UnlearningModule) -> torch.nn.Module | None:
@@ -104,7 +127,9 @@ def run_unlearning(
                       enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=5,
                       limit_val_batches=None if validate else 0, num_sanity_val_steps=0)
     ckpt = out / "checkpoints" / "last.ckpt"
+    earlier = _read_metrics(out / "metrics.csv") if ckpt.is_file() else []
     trainer.fit(model, ckpt_path=str(ckpt) if ckpt.is_file() else None)
+    _keep_earlier_metrics(out / "metrics.csv", earlier)
     if trainer.current_epoch < model.hparams.epochs:  # interrupted (a callback stopped it): no report yet
         return {"interrupted_at_epoch": trainer.current_epoch}
 

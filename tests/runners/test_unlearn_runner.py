@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -120,6 +121,16 @@ def test_an_interrupted_run_resumes_to_the_same_weights(original: str, tmp_path)
     for k in ("UA", "RA", "TA"):
         assert resumed[k] == pytest.approx(full[k])
     assert resumed["seconds"] > 0
+    # the logged metrics of the resumed run are those of the uninterrupted one (Lightning's CSV logger alone deletes
+    # the first attempt's rows), and rerunning the finished run keeps them
+    def rows(run: str) -> list[tuple[str, str]]:
+        with (tmp_path / run / "metrics.csv").open() as f:
+            table = list(csv.DictReader(f))
+        return sorted((r["step"], r.get("train/loss", "")) for r in table)
+
+    assert rows("part") == rows("full") and len(rows("full")) > 2
+    _run(original, tmp_path / "full")
+    assert rows("full") == rows("part")
 
 
 def test_a_non_unlearning_model_is_refused(tmp_path):
