@@ -60,6 +60,9 @@ class DigitsDataModule(_TensorSplitDataModule):
 
     Images are resized to ``image_size`` and scaled to ``[-1, 1]``; ``channels=3`` repeats the grey channel.
     ``split_indices`` maps each split to positions in the original ``load_digits`` order.
+    ``classes`` / ``exclude_classes`` keep only (or drop) these digits in every split, after the seeded split: the
+    retained images of each split are those of the unfiltered module (e.g. a model trained without class 9 and a
+    classifier trained on all digits share one test split). Labels keep their digit values.
     """
 
     num_classes = 10
@@ -77,6 +80,8 @@ class DigitsDataModule(_TensorSplitDataModule):
         duplicate_factor: int = 1,
         drop_last: bool = False,
         shuffle: bool = True,
+        classes: Sequence[int] | None = None,
+        exclude_classes: Sequence[int] | None = None,
     ) -> None:
         super().__init__(
             image_size=image_size,
@@ -91,6 +96,24 @@ class DigitsDataModule(_TensorSplitDataModule):
             drop_last=drop_last,
             shuffle=shuffle,
         )
+        keep = set(range(self.num_classes)) if classes is None else {int(c) for c in classes}
+        keep -= {int(c) for c in exclude_classes or ()}
+        bad = sorted({int(c) for c in [*(classes or ()), *(exclude_classes or ())]} - set(range(self.num_classes)))
+        if bad or not keep:
+            raise ValueError(f"`classes`/`exclude_classes` must name digits 0..9 and keep at least one, got "
+                             f"classes={classes!r}, exclude_classes={exclude_classes!r}")
+        self.classes = sorted(keep)
+
+    def _build(self) -> None:
+        super()._build()
+        if len(self.classes) == self.num_classes:
+            return
+        keep = torch.tensor(self.classes)
+        for split, name in (("train", "train_base"), ("val", "val_dataset"), ("test", "test_dataset")):
+            images, labels = getattr(self, name).tensors
+            mask = torch.isin(labels, keep)
+            setattr(self, name, TensorDataset(images[mask], labels[mask]))
+            self.split_indices[split] = [i for i, m in zip(self.split_indices[split], mask.tolist()) if m]
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
         from sklearn.datasets import load_digits

@@ -24,5 +24,7 @@ from plpriv.privacy.contract import PrivateTraining, PrivateTrainingAware, Publi
 from plpriv.privacy.engine import DPEngine
 from plpriv.privacy.independence import IndependenceProbe
 from plpriv.privacy.mechanisms import GaussianMechanism, Mechanism
+from plpriv.privacy.noisy_mean import NoisyMeanMechanism, calibrate_noisy_mean, noisy_mean_epsilon
+from plpriv.privacy.noisy_mean_audit import NoisyMeanAudit, audit_noisy_mean, worst_case_neighbours
 from plpriv.privacy.sparsified_gaussian import SparsifiedMechanism
 from plpriv.privacy.world import World
