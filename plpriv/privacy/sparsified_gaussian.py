@@ -54,7 +54,9 @@ Privacy: what is assumed, what is proven, what is reported
         - [E] Balle et al. 2020 (Theorem 21; opacus' ``get_privacy_spent``): RDP -> (epsilon, delta).
       Reported epsilon: ``min(DP-SGD accountant's epsilon, RDP epsilon of max([C], min of the [D] bounds))``.
       :func:`epsilon_lower_bound` is the 1-sparse input's epsilon (rate q gamma), what the paper-style accountant
-      reports; the true worst case lies between the two, and equals the lower bound when q = 1.
+      reports; the true worst case lies between the two. At q = 1 the RDP bound equals the 1-sparse input's RDP
+      (rate gamma) order by order, i.e. the RDP bound is tight there; the PRV figure of :func:`epsilon_lower_bound`
+      is a lower *estimate* of that input's epsilon, so it can still be below the reported (RDP-converted) epsilon.
     * Not covered: the streaming / matrix-factorisation (DP-FTRL) extension of the paper.
 """
 
