@@ -36,11 +36,20 @@ __all__ = ["GRAD_SAMPLE_MODES", "PerSampleHooks"]
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """Half/bf16 activations and output gradients (autocast) as fp32, so opacus' per-sample rules form per-sample
+    gradients and norms in fp32: with bf16 norms the clip factor C / ||g|| is rounded, and one example's clipped
+    gradient reached 1.004-1.007 C (CPU autocast), above the sensitivity the accountant assumes. Costs fp32 copies
+    of the recorded activations."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 @functools.cache
 def _checked_hooks_class(mode: str) -> type:
     """opacus' hooks class for ``mode`` with four changes: a backward pass whose forward recorded nothing (eval mode,
     parameters frozen by ``toggle_optimizer``) is not part of the private step and is skipped (opacus would fail on
-    the empty activation list); every recorded activation is made contiguous and goes through
+    the empty activation list); every recorded activation is made contiguous (and fp32 under autocast, with the
+    output gradients: :func:`_fp32`) and goes through
     ``self.on_activation`` (the size check); the backward half is a tensor hook on the output (module docstring)."""
     base = get_hooks_class(mode)
 
@@ -58,7 +67,7 @@ def _checked_hooks_class(mode: str) -> type:
         if len(getattr(module, "activations", ())) > before:
             # opacus 1.6's conv rule (unfold2d) reads the padded input with NCHW strides: a channels-last input
             # (e.g. after diffusers' attention reshape) gave silently wrong per-sample gradients (zeros)
-            module.activations[-1] = [t.contiguous() if isinstance(t, torch.Tensor) else t
+            module.activations[-1] = [_fp32(t.contiguous()) if isinstance(t, torch.Tensor) else t
                                       for t in module.activations[-1]]
             if self.on_activation is not None:
                 self.on_activation(module)
@@ -76,7 +85,7 @@ def _checked_hooks_class(mode: str) -> type:
             return
 
         def on_grad(grad: torch.Tensor) -> None:
-            self.capture_backprops_hook(module, None, (grad,), loss_reduction=loss_reduction,
+            self.capture_backprops_hook(module, None, (_fp32(grad),), loss_reduction=loss_reduction,
                                         batch_first=batch_first)
 
         out.register_hook(on_grad)
