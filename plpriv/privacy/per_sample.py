@@ -208,8 +208,13 @@ class PerSampleHooks:
         return missing
 
     def fill_missing_grad_samples(self, params: Sequence[torch.Tensor]) -> None:
-        """Zero per-sample gradients for parameters unused in this step; raise for parameters used without hooks."""
+        """Zero per-sample gradients for parameters unused in this step; raise for parameters used without hooks.
+        Ghost clipping keeps no per-sample gradients: an unused parameter gets a zero (clipped-sum) gradient, as
+        opacus' accumulation reads every parameter's ``grad``."""
         if self.mode == "ghost":
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             return
         self.check_no_stale_activations()  # an extra forward pass also leaves per-sample gradients unfinished
         missing = self._missing(params, lambda p: getattr(p, "grad_sample", None) is not None)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, get_optimizer_class
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -82,3 +82,54 @@ def test_bf16_clipped_contribution_within_clip_bound() -> None:
     clip = 1e-3  # every example clipped
     worst = max(engine_step(conv_net(), x[i:i + 1], y[i:i + 1], clip)[0].norm().item() for i in range(len(x)))
     assert worst <= clip * (1 + 1e-5)
+
+
+def test_ghost_clipping_with_a_parameter_that_gets_no_gradient() -> None:
+    # e.g. EDM's augment embedding when augmentation is off: the parameter is unused in the step; opacus'
+    # accumulation read its missing grad (AttributeError). Its clipped-sum gradient is zero; the rest is DP-SGD's.
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model = WithUnused()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = DPEngine(max_grad_norm=0.1, noise_multiplier=0.0, target_delta=1e-5, dataset_size=8, seed=0,
+                          poisson_sampling=False, grad_sample_mode="ghost")
+        world = World()
+        engine.resolve_seed(world, resuming=False, secret_dir=None)
+        engine.attach([("", model)])
+        engine.set_rate(DataLoader(TensorDataset(x, y), batch_size=8), world_size=1, accumulate=1)
+        optimizer = engine.start(torch.optim.SGD(model.parameters(), lr=1.0), get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode="ghost"),
+                                 planned_steps=1, world=world, on_step=engine.record_step)
+    before = [p.detach().clone() for p in model.parameters()]
+    engine.hooks.batch_size = 8
+    engine.hooks.enable()
+    engine.hooks.clear_norm_samples()
+    loss = F.cross_entropy(model(x), y, reduction="none")
+    torch.autograd.backward(loss.mean(), retain_graph=True)
+    coef = (0.1 / (engine.hooks.per_sample_norms(8) + 1e-6)).clamp(max=1.0)
+    engine.hooks.disable()
+    optimizer.zero_grad(set_to_none=True)
+    (coef.detach() * loss).sum().backward()
+    engine.hooks.fill_missing_grad_samples(optimizer.params)
+    optimizer.step()
+    engine.close()
+    moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before)]
+    assert moved == [True, True, False, False]
+    # the used layer's update is the clipped mean of the per-example gradients (micro-batch loop)
+    reference = torch.zeros(15)
+    for i in range(8):
+        m = WithUnused()
+        m.load_state_dict({k: v for k, v in zip(dict(m.named_parameters()), before)})
+        F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
+        g = torch.cat([m.used.weight.grad.flatten(), m.used.bias.grad])
+        reference += g * min(1.0, 0.1 / (g.norm().item() + 1e-6))
+    update = torch.cat([(p - b).flatten() for p, b in zip(list(model.parameters())[:2], before[:2])])
+    torch.testing.assert_close(update, -reference / 8, rtol=1e-4, atol=1e-7)
