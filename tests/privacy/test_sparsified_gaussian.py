@@ -218,6 +218,22 @@ def test_masks_are_functions_of_seed_step_and_key_only() -> None:
     assert packed.numel() == int(masks.sum()) and torch.equal(unpack(packed, masks), x * masks)
 
 
+def test_bernoulli_masks_have_iid_coordinates() -> None:
+    # Geometric skipping must give i.i.d. Bernoulli(gamma) coordinates: per-coordinate rate gamma (the first and the
+    # last too), neighbours independent (joint rate gamma^2), kept count Binomial(d, gamma); 20,000 masks, 5 sigma.
+    gamma, dim, n = 0.1, 40, 20_000
+    masks = draw_masks(dim, gamma, list(range(n))).double()
+    rate_se = (gamma * (1 - gamma) / n) ** 0.5
+    assert (masks.mean(0) - gamma).abs().max() < 5 * rate_se
+    joint = (masks[:, :-1] * masks[:, 1:]).mean(0)
+    assert (joint - gamma**2).abs().max() < 5 * (gamma**2 / n) ** 0.5
+    counts = masks.sum(1)
+    assert abs(float(counts.mean()) - dim * gamma) < 5 * (dim * gamma * (1 - gamma) / n) ** 0.5
+    assert abs(float(counts.var()) / (dim * gamma * (1 - gamma)) - 1) < 5 * (2 / n) ** 0.5
+    assert bool(draw_mask(7, 1.0, 3).all())  # keep everything
+    assert int(draw_masks(100_000, 1e-4, list(range(50))).sum()) in range(500 - 5 * 23, 500 + 5 * 23)
+
+
 # --------------------------------------------------------------------------------------------------- estimator
 @pytest.mark.parametrize("mask", ["bernoulli", "k_subset"])
 def test_estimator_is_unbiased_and_mse_matches_closed_form(mask: str) -> None:
