@@ -191,6 +191,18 @@ COLUMNS = {"UA": "UA", "RA": "RA", "TA": "TA", "MIA": "MIA-Eff. (SalUn)", "MIA_l
            "relearn": "relearn (mean ± sd)", "seconds": "seconds"}
 
 
+LEGEND = (
+    "Columns (%, from plpriv.modules.unlearning.evaluation): UA = 100 - accuracy on the forget set D_f (Retrain's is"
+    " the target); RA / TA: accuracy on the retain / test set. MIA-Eff. (SalUn): % of D_f that an SVC on the"
+    " confidence, fitted on retain (member) vs test (non-member), calls non-member. MIA_loss: the same with a loss"
+    " threshold. MIA AUC (f vs unseen): ROC AUC of -loss between D_f and unseen test samples of the same classes"
+    " (Retrain ~0.5; higher: D_f still remembered); AUC gap to Retrain: its distance to Retrain's. IDI [95% CI]:"
+    " information difference index (Jeon et al. 2024; 0 = Retrain, 1 = the original) with its interval over trials."
+    " relearn: forget accuracy after re-training only a fresh head on 2% of the training data (mean ± sd over"
+    " seeds; lower = features hold less about D_f). seconds: unlearning time."
+)
+
+
 def _cell(key: str, r: dict[str, Any]) -> str:
     if key == "IDI":
         return _idi_cell(r)
@@ -207,7 +219,7 @@ def report_markdown(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| method | " + " | ".join(COLUMNS.values()) + " |", "|---|" + "---|" * len(COLUMNS)]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(_cell(k, r) for k in COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + LEGEND + "\n"
 
 
 def build_parser() -> ArgumentParser:

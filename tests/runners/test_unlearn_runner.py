@@ -136,3 +136,12 @@ def test_an_interrupted_run_resumes_to_the_same_weights(original: str, tmp_path)
 def test_a_non_unlearning_model_is_refused(tmp_path):
     with pytest.raises(TypeError, match="UnlearningModule"):
         run_unlearning(ImageClassifier(), DigitsDataModule(image_size=8), tmp_path)  # type: ignore[arg-type]
+
+
+def test_the_report_explains_every_column():
+    from plpriv.runners.unlearn import COLUMNS, LEGEND
+
+    md = report_markdown({"A": {"UA": 1.0}})
+    assert LEGEND in md
+    for header in COLUMNS.values():
+        assert header.split(" [")[0].split(" (")[0] in LEGEND, header
