@@ -154,8 +154,20 @@ def draw_detections(images: Tensor, preds: list[dict[str, Tensor]], targets: lis
 
 
 def save_detections(trainer: Any, images: Tensor, preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]],
-                    name: str) -> None:
-    """Draw and save/log as ``<run dir>/<name>.png`` (nothing without a logger)."""
-    from plpriv.utils.figures import save_and_log_images
+                    name: str, score_threshold: float = 0.3) -> None:
+    """Draw and save/log as ``<run dir>/<name>.png`` (nothing without a logger), with a legend for the box colours."""
+    from matplotlib.patches import Patch
+    from torchvision.utils import make_grid
 
-    save_and_log_images(trainer, draw_detections(images, preds, targets), name, value_range=(0.0, 1.0), tag="val/boxes")
+    from plpriv.utils.figures import figure, save_and_log_figure
+
+    grid = make_grid(draw_detections(images, preds, targets, score_threshold), nrow=min(8, len(images)), padding=2)
+    height, width = grid.shape[1:]
+    fig = figure(figsize=(10, 10 * height / width + 0.6), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 10 * height / width / (10 * height / width + 0.6)))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.axis("off")
+    fig.legend(handles=[Patch(edgecolor="lime", facecolor="none", label="ground truth"),
+                        Patch(edgecolor="red", facecolor="none", label=f"detection (score >= {score_threshold:g})")],
+               loc="upper center", ncol=2, frameon=False)
+    save_and_log_figure(trainer, fig, name)
