@@ -14,7 +14,8 @@ Also here: ``distill_to_tspn``, the mapping SPN -> tSPN (fit a tensor train to t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -161,10 +162,22 @@ def fit_density(
     return best
 
 
+class SourceSPN(Protocol):
+    """What :func:`distill_to_tspn` needs from a source SPN (RandomSPN, LearnSPN)."""
+
+    num_vars: int
+    num_states: int
+
+    def log_prob(self, x: Tensor) -> Tensor: ...
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor: ...
+
+
 def distill_to_tspn(
-    spn: RandomSPN, rank: int, num_samples: int = 20000, em_steps: int = 30, epochs: int = 0, batch_size: int = 200,
+    spn: SourceSPN, rank: int, num_samples: int = 20000, em_steps: int = 30, epochs: int = 0, batch_size: int = 200,
     lr: float = 0.01, output_weight: float = 1.0, data: Tensor | None = None, seed: int = 0,
-    progress: Callable | None = None,
+    progress: Callable | None = None, order: Sequence[int] | None = None, val: Tensor | None = None,
+    tol: float = 1e-3, patience: int = 5,
 ) -> TensorSPN:
     """Map an SPN onto a rank-``rank`` tSPN by fitting the TT to the SPN's own samples and outputs.
 
@@ -173,9 +186,11 @@ def distill_to_tspn(
     2. ``epochs`` of Adam on -log q(x) + ``output_weight`` (log q(x) - log p_SPN(x))^2 over the same samples (match
        the SPN's outputs; q is normalised, so both terms are minimised by q = p_SPN).
 
-    ``data`` (optional) adds the real training rows to the samples. Ko et al. (2020) map a valid SPN onto a
-    nonnegative TT; this fitting procedure is plpriv's own, written here because tensorly has no nonnegative TT
-    decomposition (its tensor_train / TT-cross give signed cores).
+    ``order`` is the tSPN's chain order. With ``val`` (held-out real rows) step 1 is EM to convergence
+    (:meth:`TensorSPN.fit_em`, at most ``em_steps``, tolerance ``tol`` with ``patience``) and the steps taken are
+    stored as ``tspn.em_steps_taken``. ``data`` (optional) adds the real training rows to the samples. Ko et al.
+    (2020) map a valid SPN onto a nonnegative TT; this fitting procedure is plpriv's own, written here because
+    tensorly has no nonnegative TT decomposition (its tensor_train / TT-cross give signed cores).
     """
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"`rank` must be a positive int, got {rank!r}")
@@ -185,9 +200,14 @@ def distill_to_tspn(
     x = spn.sample(num_samples, generator=gen)
     if data is not None:
         x = torch.cat([x, data.long()])
-    tspn = TensorSPN(spn.num_vars, spn.num_states, rank, seed=seed)
+    tspn = TensorSPN(spn.num_vars, spn.num_states, rank, seed=seed, order=order)
+    tspn.em_steps_taken = em_steps
+    if val is not None and em_steps > 0:
+        tspn.em_steps_taken, _ = tspn.fit_em(x, val, tol, patience, em_steps)
     target, opt = None, None
     for step in progress(range(em_steps + epochs)) if progress else range(em_steps + epochs):
+        if step < em_steps and val is not None:
+            continue
         if step < em_steps:
             tspn.em_step(x)
             continue

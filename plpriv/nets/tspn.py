@@ -8,16 +8,21 @@ Ko, Chen, He, Zhang, Batselier, Wong, "Deep Compression of Sum-Product Networks 
 Every core is a layer of sum nodes over indicator products, so the TT is itself a valid deep SPN. Marginalising
 ``x_k`` replaces ``G_k[x_k]`` by ``sum_x G_k[x]``; ``Z`` is the product of all summed cores, so normalisation is exact
 by construction. All contractions run in log space (log-sum-exp over the bond index) to avoid underflow.
+
+The chain visits the variables in ``order`` (a buffer saved with the weights): core ``k`` holds variable
+``order[k]``. Inputs and outputs always use the caller's variable indices; only the cores are in chain order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from plpriv.nets.variable_order import check_permutation
 
 if TYPE_CHECKING:
     from tensorly.tt_tensor import TTTensor
@@ -62,6 +67,9 @@ class TensorSPN(nn.Module):
         init_scale: std of the random initial logits (0 = uniform distribution).
         init_mixing: ``mixture`` only: off-diagonal mass of the initial bond transitions.
         seed: seed of the initialisation (``None``: torch's global generator).
+        order: the chain order, a permutation of ``range(num_vars)`` (core ``k`` holds variable ``order[k]``);
+            ``None`` = identity. Named orders (raster, Hilbert, Chow-Liu, MI chain):
+            :func:`plpriv.nets.variable_order.resolve_order`.
 
     Inputs ``x`` are integer states ``[B, d]`` in ``[0, n)``; ``mask`` ``[B, d]`` (or ``[d]``) is True where a variable
     is observed and False where it is summed out.
@@ -77,6 +85,7 @@ class TensorSPN(nn.Module):
         init_scale: float = 1.0,
         init_mixing: float = 0.01,
         seed: int | None = 0,
+        order: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_vars, int) or num_vars < 2:
@@ -106,6 +115,18 @@ class TensorSPN(nn.Module):
                 theta = inverse_softplus(theta.exp())
             cores.append(nn.Parameter(theta))
         self.cores = nn.ParameterList(cores)
+        self.register_buffer("order", torch.arange(num_vars))
+        if order is not None:
+            self.set_order(order)
+
+    def set_order(self, order: Sequence[int] | Tensor) -> None:
+        """Set the chain order (a permutation of ``range(num_vars)``); the cores are kept as they are."""
+        perm = check_permutation(order.tolist() if isinstance(order, Tensor) else order, self.num_vars)
+        self.order.copy_(torch.as_tensor(perm, dtype=torch.long))
+
+    def _to_caller(self, chain: Tensor, dim: int = 1) -> Tensor:
+        """A tensor indexed by chain position along ``dim`` -> indexed by variable (inverse of ``order``)."""
+        return chain.index_select(dim, torch.argsort(self.order))
 
     def _mixture_log_core(self, k: int, scale: float, mixing: float, gen: torch.Generator | None) -> Tensor:
         """log G_k[a, x, c] = log T[a, c] + log q_c(x): near-identity transition T, random state probabilities q."""
@@ -154,7 +175,7 @@ class TensorSPN(nn.Module):
                     f"`mask` must have shape {tuple(x.shape)} or ({self.num_vars},), got {tuple(mask.shape)}"
                 )
             idx = torch.where(mask.to(torch.bool).expand_as(idx), idx, torch.full_like(idx, self.num_states))
-        return idx
+        return idx[:, self.order]  # chain order
 
     # -- densities ---------------------------------------------------------------------------------------------
     def _forward_messages(self, idx: Tensor, aug: list[Tensor]) -> list[Tensor]:
@@ -222,7 +243,7 @@ class TensorSPN(nn.Module):
             point = F.one_hot(idx[:, k].clamp(max=self.num_states - 1), self.num_states).log()
             val = torch.where(observed[:, None], point.to(val.dtype), val - torch.logsumexp(val, -1, keepdim=True))
             out.append(val)
-        return torch.stack(out, dim=1)
+        return self._to_caller(torch.stack(out, dim=1))
 
     # -- MPE and sampling --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -260,6 +281,7 @@ class TensorSPN(nn.Module):
             prev = back_bond[k][ar, bond]
             states[:, k] = back_state[k][ar, prev, bond]
             bond = prev
+        states = self._to_caller(states)
         return states, self.log_prob(states)
 
     @torch.no_grad()
@@ -295,7 +317,7 @@ class TensorSPN(nn.Module):
             drawn = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
             out[:, k] = torch.where(idx[:, k] == self.num_states, drawn, out[:, k])
             alpha = log_matvec(alpha, aug[k][out[:, k]])
-        return out
+        return self._to_caller(out)
 
     # -- EM fitting -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -354,9 +376,42 @@ class TensorSPN(nn.Module):
             theta.copy_(log_core if self.parameterization == "exp" else inverse_softplus(log_core.exp()))
         return total / len(idx_all) - log_z
 
+    @torch.no_grad()
+    def fit_em(
+        self, x: Tensor, val: Tensor, tol: float = 1e-3, patience: int = 5, max_steps: int = 500,
+        pseudo_count: float = 0.01, progress: Callable | None = None,
+    ) -> tuple[int, float]:
+        """EM to convergence: stop once the held-out mean log-likelihood on ``val`` has not risen by more than
+        ``tol`` nats over its best for ``patience`` steps in a row (or after ``max_steps``); keep the best cores.
+
+        Returns ``(steps taken, best validation log-likelihood)``.
+        """
+        if tol < 0 or patience < 1 or max_steps < 1:
+            raise ValueError(f"need tol >= 0, patience >= 1, max_steps >= 1, got {tol!r}, {patience!r}, {max_steps!r}")
+        best = self.log_prob(val).mean().item()
+        best_state = [c.detach().clone() for c in self.cores]
+        stale, steps = 0, 0
+        for steps in (progress(range(1, max_steps + 1)) if progress else range(1, max_steps + 1)):
+            self.em_step(x, pseudo_count)
+            score = self.log_prob(val).mean().item()
+            if score > best:
+                if score > best + tol:
+                    stale = -1
+                best, best_state = score, [c.detach().clone() for c in self.cores]
+            stale += 1
+            if stale >= patience:
+                break
+        for theta, saved in zip(self.cores, best_state):
+            theta.copy_(saved)
+        return steps, best
+
     # -- tensorly ----------------------------------------------------------------------------------------------
     def to_tensorly(self, normalize: bool = True) -> TTTensor:
-        """The cores G_k as a tensorly ``TTTensor`` (PyTorch backend); ``normalize`` scales them so the sum is 1."""
+        """The cores G_k as a tensorly ``TTTensor`` (PyTorch backend); ``normalize`` scales them so the sum is 1.
+
+        The TT's mode ``k`` is variable ``order[k]`` (permute the dense tensor by ``argsort(order)`` for the caller's
+        variable order).
+        """
         from tensorly.tt_tensor import TTTensor
 
         with torch.no_grad():
@@ -365,8 +420,12 @@ class TensorSPN(nn.Module):
         return TTTensor(cores)
 
     @classmethod
-    def from_tensorly(cls, tt: TTTensor | Sequence[Tensor], parameterization: Parameterization = "exp") -> TensorSPN:
-        """A tSPN whose cores are a nonnegative TT (a ``TTTensor`` or a list of ``[r, n, s]`` cores)."""
+    def from_tensorly(
+        cls, tt: TTTensor | Sequence[Tensor], parameterization: Parameterization = "exp",
+        order: Sequence[int] | None = None,
+    ) -> TensorSPN:
+        """A tSPN whose cores are a nonnegative TT (a ``TTTensor`` or a list of ``[r, n, s]`` cores); mode ``k`` of
+        the TT is variable ``order[k]`` (identity by default)."""
         factors = tt.factors if hasattr(tt, "factors") else tt
         cores = [torch.as_tensor(c, dtype=torch.get_default_dtype()) for c in factors]
         if len(cores) < 2 or any(c.ndim != 3 for c in cores):
@@ -381,7 +440,7 @@ class TensorSPN(nn.Module):
         if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1 or not chained:
             raise ValueError(f"inconsistent TT ranks: core shapes {[tuple(c.shape) for c in cores]}")
         model = cls(len(cores), states.pop(), ranks, parameterization=parameterization, init="random",
-                    init_scale=0.0)
+                    init_scale=0.0, order=order)
         tiny = torch.finfo(cores[0].dtype).tiny  # exact zeros become the smallest normal number (log stays finite)
         with torch.no_grad():
             for theta, c in zip(model.cores, cores):
@@ -390,5 +449,6 @@ class TensorSPN(nn.Module):
         return model
 
     def extra_repr(self) -> str:
+        identity = bool(torch.equal(self.order, torch.arange(self.num_vars, device=self.order.device)))
         return (f"num_vars={self.num_vars}, num_states={self.num_states}, max_rank={max(self.ranks)}, "
-                f"{self.parameterization}")
+                f"{self.parameterization}, order={'identity' if identity else 'permuted'}")

@@ -65,3 +65,27 @@ def test_training_improves_test_ll_and_resume_is_exact(tmp_path):
     assert second.global_step == 4 * math.ceil(len(dm.split_tensor("train")) / 128)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_num_vars_from_datamodule_learnt_order_and_converged_em_are_checkpointed(tmp_path):
+    """num_vars comes from the datamodule; the Chow-Liu order is learnt from the training split only and saved with
+    the weights; converged EM reports its steps (em/steps) and they are fewer than the cap."""
+    from plpriv.nets.variable_order import chow_liu_order
+
+    dm = BinaryDensityDataModule(batch_size=256)
+    seed_everything(0)
+    model = TSPN(rank=2, order="chow_liu", em_init_steps=200, em_tol=1e-2, em_patience=2)
+    assert model.net is None
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(model, dm)
+    assert model.net.num_vars == dm.num_vars == 64
+    assert model.net.order.tolist() == chow_liu_order(dm.split_tensor("train"))
+    steps = trainer.callback_metrics["em/steps"].item()
+    assert steps == model.em_steps_taken.item() and 2 <= steps < 200
+    restored = TSPN.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    assert torch.equal(restored.net.order, model.net.order)
+    x = dm.split_tensor("test")
+    assert torch.allclose(restored(x), model(x))
+    with pytest.raises(ValueError, match="datamodule has 64"):
+        bad = TSPN(num_vars=10, em_init_steps=0)
+        _trainer(tmp_path / "bad", 1).fit(bad, dm)
