@@ -43,3 +43,14 @@ def test_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+
+
+def test_the_readme_thread_claim_holds_for_every_edm_digits_recipe():
+    # README: "the EDM digits recipes set 1" (torch_threads), the cheap half of keeping its timings honest
+    import yaml
+
+    assert "the EDM digits recipes set 1" in (ROOT / "README.md").read_text()
+    recipes = sorted((ROOT / "recipes" / "edm").glob("digits*.yaml"))
+    assert recipes
+    for path in recipes:
+        assert yaml.safe_load(path.read_text()).get("torch_threads") == 1, path.name
