@@ -403,6 +403,10 @@ def main(args: Sequence[str] | None = None) -> None:
 
         unlearn_main(argv[1:])
         return
+    if argv[0] == "censoring":  # `plpriv censoring label|train|rate`: censored sampling's human-feedback steps
+        from plpriv.runners.censoring import main as censoring_main
+
+        raise SystemExit(censoring_main(argv[1:], prog="plpriv censoring"))
     if argv[0] in SUBCOMMANDS and ("-h" in argv or "--help" in argv):
         _print_guidance(argv[0])
         sys.stdout.flush()

@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, str] = {
     "predict": "predictions from a checkpoint, e.g. EDM samples as PNG grids and .npz (into <run dir>/predict/)",
     "audit": "empirical epsilon lower bounds of DP-SGD with canaries (resumable runner, recipes/audit/*.yaml)",
     "unlearn": "machine unlearning (COLA and baselines) from a checkpoint, with a report (recipes/unlearning/*.yaml)",
+    "censoring": "censored sampling: label samples, train reward models, rate (then predict with guidance.yaml)",
 }
 
 
