@@ -68,7 +68,8 @@ def test_end_to_end_release_and_record(checkpoint: Path, tmp_path: Path) -> None
     args = ["--checkpoint", str(checkpoint), "--images", str(tmp_path / "x.npy"), "--out", str(out), "--epsilon", "2",
             "--steps", "3", "--noise-draws", "2", "--num-samples", "4", "--noise-seed", "7", "--sample-rate", "0.5"]
     np.save(tmp_path / "x.npy", images)
-    result = main(args)
+    with pytest.warns(UserWarning, match="NOT private"):
+        result = main(args)
     saved = torch.load(out / "embedding.pt")
     record = json.loads((out / "release.json").read_text())
     assert (out / "samples.png").is_file() and result["samples"].shape == (4, 1, 8, 8)
@@ -82,12 +83,17 @@ def test_end_to_end_release_and_record(checkpoint: Path, tmp_path: Path) -> None
     torch.testing.assert_close(saved["vector"], expected)
     assert record["noise_std"] == pytest.approx(mech.noise_std(6))
     # nothing per-image or secret in the public record
-    assert not any(k in json.dumps(record) for k in ("noise_seed", "picked", "per_image"))
+    assert not any(k in json.dumps(record) for k in ("noise_seed", "picked", "per_image", "seconds"))
+    # a release whose noise seed the caller chose is marked as not private (anyone with the seed removes the noise)
+    assert record["covered_by_epsilon"] is False and "NOT private" in record["warning"]
     # epsilon = inf: no noise, the subsample's mean of unit rows
     inf = main([*args[:-8], "--epsilon", "inf", "--steps", "3", "--noise-draws", "2", "--num-samples", "2",
                 "--noise-seed", "7", "--sample-rate", "1.0"])
     torch.testing.assert_close(inf["vector"], noiseless_mean(u), rtol=1e-5, atol=1e-6)
     assert math.isinf(inf["privacy"]["epsilon"])
+    # the default draws the noise from OS entropy: private, no warning in the record
+    fresh = main([a for a in args if a not in ("--noise-seed", "7")])
+    assert "warning" not in fresh["privacy"] and not torch.equal(fresh["vector"], saved["vector"])
     # sampling later from the saved release reads no private data and uses the saved vector
     more = main(["--checkpoint", str(checkpoint), "--embedding", str(out / "embedding.pt"), "--out",
                  str(tmp_path / "more"), "--num-samples", "3"])
