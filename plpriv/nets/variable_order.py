@@ -69,21 +69,16 @@ def mutual_information(x: Tensor, pseudo_count: float = 0.5) -> Tensor:
 
 
 def chow_liu_edges(mi: Tensor) -> list[tuple[int, int]]:
-    """Maximum spanning tree of ``mi`` (Prim's algorithm, O(d^2)) as (parent, child) edges from root 0."""
-    d = mi.shape[0]
-    in_tree = torch.zeros(d, dtype=torch.bool)
-    in_tree[0] = True
-    best, parent = mi[0].clone(), torch.zeros(d, dtype=torch.long)
-    edges = []
-    for _ in range(d - 1):
-        cand = best.masked_fill(in_tree, -1.0)
-        j = int(cand.argmax())
-        edges.append((int(parent[j]), j))
-        in_tree[j] = True
-        better = mi[j] > best
-        best = torch.where(better, mi[j], best)
-        parent = torch.where(better, torch.full_like(parent, j), parent)
-    return edges
+    """Maximum spanning tree of ``mi`` (scipy's minimum spanning tree of ``max - mi + 1``, all weights > 0 so no edge
+    reads as absent) as (parent, child) edges in breadth-first order from root 0 (parents before children)."""
+    import numpy as np
+    from scipy.sparse.csgraph import breadth_first_order, minimum_spanning_tree
+
+    w = mi.detach().double().cpu().numpy()
+    cost = np.triu(w.max() - w + 1.0, k=1)
+    tree = minimum_spanning_tree(cost)
+    order, parent = breadth_first_order(tree, 0, directed=False, return_predecessors=True)
+    return [(int(parent[j]), int(j)) for j in order[1:]]
 
 
 def chow_liu_order(x: Tensor) -> list[int]:
